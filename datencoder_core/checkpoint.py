@@ -1,0 +1,108 @@
+"""Safetensors files with JSON metadata: atomic writing, validated reading, and the encoder file.
+
+Every file the project writes has ``format`` and ``format_version`` in its header, so a reader can
+say precisely what a wrong file is. Writes go to a temporary file that replaces the target only
+when complete, so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import EncoderConfig, LoRAConfig
+from .encoder import DATEncoder
+from .errors import DATEncoderError
+from .sites import LoRASite, architecture_fingerprint
+
+ENCODER_FORMAT = "datencoder.encoder"
+ENCODER_FORMAT_VERSION = 1
+
+
+def atomic_save(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` to a temporary sibling, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise DATEncoderError(f"{path}: could not write the file ({error.strerror or error})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_safetensors(path: str | os.PathLike, expected_format: str,
+                     supported_versions: tuple[int, ...]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Load tensors and header of a project file, checking its ``format`` and ``format_version``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DATEncoderError(f"{path}: no such file")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DATEncoderError(f"{path}: not a readable .safetensors file (corrupt or truncated?): {error}") from None
+    found = metadata.get("format")
+    if found != expected_format:
+        what = f"a '{found}' file" if found else "a safetensors file without DATEncoder metadata"
+        raise DATEncoderError(f"{path}: expected a '{expected_format}' file, found {what}")
+    version = metadata.get("format_version", "")
+    if not version.isdigit() or int(version) not in supported_versions:
+        raise DATEncoderError(f"{path}: format_version {version!r} is not supported by this DATEncoder "
+                              f"(supported: {list(supported_versions)}); update the extension")
+    return tensors, metadata
+
+
+def save_encoder(encoder: DATEncoder, path: str | os.PathLike, name: str = "datencoder") -> str:
+    """Write ``encoder`` with its configs, sites and base fingerprint; return its ``encoder_id``
+    (``name`` plus a hash of the weights), which concepts made with it record."""
+    state = encoder.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().float().cpu().numpy().tobytes())
+    encoder_id = f"{name}@{digest.hexdigest()[:12]}"
+    metadata = {
+        "format": ENCODER_FORMAT,
+        "format_version": str(ENCODER_FORMAT_VERSION),
+        "encoder_id": encoder_id,
+        "encoder_config": json.dumps(encoder.config.to_dict()),
+        "lora_config": json.dumps(encoder.lora_config.to_dict()),
+        "sites": json.dumps([[s.name, s.in_features, s.out_features] for s in encoder.sites]),
+        "base_fingerprint": architecture_fingerprint(encoder.sites, encoder.config.token_dim),
+    }
+    atomic_save(state, path, metadata)
+    return encoder_id
+
+
+def load_encoder(path: str | os.PathLike) -> tuple[DATEncoder, str]:
+    """Read an encoder file written by ``save_encoder``: (encoder in eval mode, encoder_id)."""
+    tensors, metadata = read_safetensors(path, ENCODER_FORMAT, (ENCODER_FORMAT_VERSION,))
+    try:
+        config = EncoderConfig.from_dict(json.loads(metadata["encoder_config"]))
+        lora_config = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
+        sites = tuple(LoRASite(n, i, o) for n, i, o in json.loads(metadata["sites"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise DATEncoderError(f"{path}: damaged encoder header ({error})") from None
+    encoder = DATEncoder(config, lora_config, sites)
+    try:
+        encoder.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise DATEncoderError(f"{path}: weights do not match the header's configuration: {error}") from None
+    return encoder.eval(), metadata["encoder_id"]
+
+
+def check_fingerprint(found: str, expected: str, path: str | os.PathLike, what: str) -> None:
+    """Raise unless a file's base-model fingerprint is the current model's."""
+    if found != expected:
+        raise DATEncoderError(f"{path}: this {what} was made for another base model (fingerprint {found}); "
+                              f"the loaded model's is {expected}. Use an SD1.x checkpoint, or a {what} made for it.")
+

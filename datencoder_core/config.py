@@ -1,0 +1,117 @@
+"""Configuration dataclasses, one per component. Defaults are the paper's where it gives one.
+
+Each config is frozen, validates itself in ``__post_init__`` and round-trips through ``to_dict`` /
+``from_dict`` so it can be stored in a safetensors header (see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import DATEncoderError
+
+# The paper's 96 attention matrices (Sec. 4.1): to_q, to_k, to_v of self- and cross-attention
+# in every one of SD1.5's 16 transformer blocks.
+SD15_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v")
+
+_C = TypeVar("_C")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DATEncoderError(message)
+
+
+class _Serializable:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"{cls.__name__}: unknown fields {unknown}; expected a subset of {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LoRAConfig(_Serializable):
+    """Which UNet projections get a predicted low-rank offset dW = scale * B @ A (Eq. 2)."""
+
+    rank: int = field(default=4, metadata={"help": "r of A (r x D_in) and B (D_out x r)."})
+    alpha: float = field(default=4.0, metadata={"help": "LoRA alpha; scale = alpha / rank (Hu et al.)."})
+    targets: tuple[str, ...] = field(
+        default=SD15_LORA_TARGETS,
+        metadata={"help": "Suffixes '<attn1|attn2>.<to_q|to_k|to_v>' inside transformer blocks."},
+    )
+
+    def __post_init__(self):
+        _require(self.rank >= 1, f"LoRAConfig.rank must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, f"LoRAConfig.alpha must be > 0, got {self.alpha}")
+        allowed = {f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v")}
+        bad = sorted(set(self.targets) - allowed)
+        _require(self.targets and not bad, f"LoRAConfig.targets: unknown {bad}; allowed: {sorted(allowed)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class EncoderConfig(_Serializable):
+    """Shapes of the encoder (Sec. 4.1). Defaults are SD1.5 + CLIP ViT-H-14."""
+
+    clip_dim: int = 1280  # ViT-H-14 width; its last-layer tokens are 16x16 patches at 224 px
+    unet_dim: int = 1280  # SD1.5 mid-block channels; 8x8 at 512 px
+    token_dim: int = 768  # CLIP ViT-L/14 text embedding width of SD1.x
+    trunk_channels: int = 512
+    trunk_blocks: int = 2  # residual 3x3 conv blocks after fusing the two maps
+    feature_dim: int = 1024  # pooled trunk feature shared by both heads
+    hyper_bottleneck: int = 256  # shared bottleneck of the hypernetwork, per target layer
+
+    def __post_init__(self):
+        for name in ("clip_dim", "unet_dim", "token_dim", "trunk_channels", "feature_dim", "hyper_bottleneck"):
+            _require(getattr(self, name) >= 1, f"EncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.trunk_blocks >= 0, f"EncoderConfig.trunk_blocks must be >= 0, got {self.trunk_blocks}")
+        _require(self.trunk_channels % 32 == 0, "EncoderConfig.trunk_channels must be a multiple of 32 (GroupNorm)")
+
+
+@dataclass(frozen=True)
+class LossConfig(_Serializable):
+    """Pretraining objective: diffusion + contrastive (Eq. 3) + L2 on v* (Eq. 4) + L2 on dW (Sec. 4.1)."""
+
+    contrastive_k: int = 5  # |N(v*)|: nearest vocabulary tokens used as positives; the paper gives no value
+    temperature: float = 0.07  # tau of Eq. 3 (CLIP's initial temperature); the paper gives no value
+    contrastive_weight: float = 1e-2
+    embedding_l2_weight: float = 1e-4
+    lora_l2_weight: float = 1e-4
+
+    def __post_init__(self):
+        _require(self.contrastive_k >= 1, f"LossConfig.contrastive_k must be >= 1, got {self.contrastive_k}")
+        _require(self.temperature > 0, f"LossConfig.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class TuningConfig(_Serializable):
+    """Inference-time tuning (Sec. 4.4 and 5.1)."""
+
+    steps: int = field(default=12, metadata={"help": "AdamW steps after the encoder forward; 0 = encoder only."})
+    lr: float = 2e-3
+    alpha_blend: float = 0.25  # a of Eq. 5
+    timesteps_per_step: int = 4  # mini-batch of timesteps of the one concept image
+    encoder_timestep: int = 500  # the fixed mid timestep the concept latent is noised at for the encoder forward
+    embedding_anchor_weight: float = 1e-2  # L2 pulling v* toward the encoder's prediction; paper gives no value
+    lora_anchor_weight: float = 1e-2  # L2 pulling dW toward the encoder's prediction; paper gives no value
+    prompt: str = "a photo of {}"  # the tuning prompt; {} is the concept token
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(0 <= self.steps <= 1000, f"TuningConfig.steps must be in [0, 1000], got {self.steps}")
+        _require(self.lr > 0, f"TuningConfig.lr must be > 0, got {self.lr}")
+        _require(0.0 <= self.alpha_blend <= 1.0, f"TuningConfig.alpha_blend must be in [0, 1], got {self.alpha_blend}")
+        _require(self.timesteps_per_step >= 1, "TuningConfig.timesteps_per_step must be >= 1")
+        _require(0 <= self.encoder_timestep < 1000, "TuningConfig.encoder_timestep must be in [0, 1000)")
+        _require(self.prompt.count("{}") == 1, f"TuningConfig.prompt must contain '{{}}' once, got {self.prompt!r}")

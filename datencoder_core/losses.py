@@ -1,0 +1,46 @@
+"""Training objectives: Eq. 1 (diffusion), Eq. 3 (nearest-neighbour contrastive), Eq. 4 (L2 on v*).
+
+The L2 on the weight offsets (Sec. 4.1) is ``LoRAFactors.squared_norms``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .vocab import nearest_tokens
+
+
+def diffusion_loss(noise_pred: Tensor, noise: Tensor) -> Tensor:
+    """Eq. 1: E ||eps - eps_theta(z_t, t, y)||^2, as the mean over all elements."""
+    return F.mse_loss(noise_pred.float(), noise.float())
+
+
+def nearest_neighbor_contrastive_loss(
+    v_star: Tensor, vocab: Tensor, *, k: int, temperature: float,
+    negatives: Tensor | None = None, self_index: Tensor | None = None,
+) -> Tensor:
+    """Eq. 3, averaged over the batch:
+
+        L_c(v*) = -log( sum_{T in N(v*)} e^{s(v*,T)/tau} / (sum_{T in N(v*)} e^{s(v*,T)/tau} + sum_{v' != v*} e^{s(v*,v')/tau}) )
+
+    N(v*) is the ``k`` nearest rows of ``vocab`` (V, D) by cosine; s is cosine similarity (the paper
+    writes a dot product; cosine keeps the logits bounded, and Eq. 4 controls the norm separately).
+    Negatives are the other images' v*: by default the other rows of ``v_star`` (B, D); in multi-GPU
+    training pass the all-gathered ``negatives`` (N, D) and each local row's position in it,
+    ``self_index`` (B,), which is masked out.
+    """
+    if negatives is None:
+        negatives, self_index = v_star, torch.arange(v_star.shape[0], device=v_star.device)
+    positives = vocab[nearest_tokens(v_star, vocab, k)]  # (B, k, D), no gradient to the vocabulary
+    v = F.normalize(v_star, dim=-1)
+    pos_logits = torch.einsum("bd,bkd->bk", v, F.normalize(positives, dim=-1)) / temperature
+    neg_logits = v @ F.normalize(negatives, dim=-1).T / temperature  # (B, N)
+    neg_logits = neg_logits.scatter(1, self_index[:, None], -torch.inf)
+    return (torch.cat([pos_logits, neg_logits], 1).logsumexp(1) - pos_logits.logsumexp(1)).mean()
+
+
+def embedding_l2_loss(v_star: Tensor) -> Tensor:
+    """Eq. 4: ||v*||^2, averaged over the batch."""
+    return v_star.pow(2).sum(-1).mean()

@@ -1,0 +1,120 @@
+"""The reference backend on diffusers / transformers / open_clip modules (used by training, the demo,
+the benchmark and the tests; ComfyUI's backend is checked against it).
+
+It is duck-typed: it takes the modules and calls their methods, so this file imports none of those
+libraries. Construction freezes every module (``requires_grad_(False)``) and installs one
+``DualPathAttnProcessor`` per attention module of the UNet; ``remove()`` restores the original
+processors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attention import DualPathState, dual_path_processors
+from .config import LoRAConfig
+from .errors import DATEncoderError
+from .images import clip_preprocess, vae_preprocess
+from .sites import discover_sites
+
+
+class DiffusersReferenceBackend:
+    """``PersonalizationBackend`` over a diffusers ``UNet2DConditionModel`` and ``AutoencoderKL``, a
+    transformers ``CLIPTextModel`` + ``CLIPTokenizer``, and an open_clip ``VisionTransformer``."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, vision_tower: nn.Module, alphas_cumprod: Tensor,
+                 lora_config: LoRAConfig = LoRAConfig(), image_size: int = 512):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.vision_tower, self.image_size = vision_tower, image_size
+        for module in (unet, vae, text_encoder, vision_tower):
+            module.requires_grad_(False)
+        self.device = unet.device
+        self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
+        self.sites = discover_sites(unet.named_modules(), lora_config.targets)
+        self.token_embeddings = text_encoder.get_input_embeddings().weight
+        self.special_token_ids = tuple(sorted({tokenizer.bos_token_id, tokenizer.eos_token_id}))
+        self._original_processors = unet.attn_processors
+        unet.set_attn_processor(dual_path_processors(list(self._original_processors), self.sites))
+        self._empty_context = None
+
+    def remove(self) -> None:
+        """Put the UNet's original attention processors back."""
+        self.unet.set_attn_processor(self._original_processors)
+
+    def encode_latents(self, images: Tensor) -> Tensor:
+        pixels = vae_preprocess(images.to(self.device), self.image_size).to(self.vae.dtype)
+        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+
+    def image_features(self, images: Tensor, noisy_latents: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        return self._clip_tokens(images), self._unet_mid_features(noisy_latents, timesteps)
+
+    def _clip_tokens(self, images: Tensor) -> Tensor:
+        """open_clip applies ``ln_post`` after its transformer; the contract wants the tokens before it."""
+        captured = []
+        hook = self.vision_tower.transformer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            pixels = clip_preprocess(images.to(self.device), self.vision_tower.image_size[0])
+            self.vision_tower(pixels.to(next(self.vision_tower.parameters()).dtype))
+        finally:
+            hook.remove()
+        return captured[0]
+
+    def _unet_mid_features(self, noisy_latents: Tensor, timesteps: Tensor) -> Tensor:
+        """The encoder half of ``UNet2DConditionModel.forward`` (time embedding, conv_in, down blocks,
+        mid block) with the empty prompt and no processors' state, i.e. the base UNet."""
+        unet = self.unet
+        if self._empty_context is None:
+            self._empty_context = self._encode_ids(self._prompt_ids("", None)[0])
+        context = self._empty_context.expand(noisy_latents.shape[0], -1, -1)
+        emb = unet.time_embedding(unet.get_time_embed(sample=noisy_latents, timestep=timesteps))
+        h = unet.conv_in(noisy_latents)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, _ = block(h, temb=emb)
+        return unet.mid_block(h, emb, encoder_hidden_states=context)
+
+    def _prompt_ids(self, prompt: str, token_id: int | None) -> tuple[Tensor, int]:
+        """Token ids (1, 77) of ``prompt`` with its ``{}`` slot as ``token_id``, and the slot's position."""
+        tok = self.tokenizer
+        before, _, after = prompt.partition("{}")
+        ids_before = tok(before.strip(), add_special_tokens=False).input_ids
+        ids_after = tok(after.strip(), add_special_tokens=False).input_ids
+        slot = [token_id] if token_id is not None else []
+        ids = [tok.bos_token_id, *ids_before, *slot, *ids_after, tok.eos_token_id]
+        length = self.text_encoder.config.max_position_embeddings
+        if len(ids) > length:
+            raise DATEncoderError(f"prompt {prompt!r} is {len(ids)} tokens long; the text encoder takes {length}")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids += [pad] * (length - len(ids))
+        return torch.tensor([ids], device=self.device), 1 + len(ids_before)
+
+    def _encode_ids(self, ids: Tensor, slot: int | None = None, embedding: Tensor | None = None) -> Tensor:
+        if embedding is None:
+            return self.text_encoder(ids).last_hidden_state
+        table = self.text_encoder.get_input_embeddings()
+
+        def put_embedding(_module, _inputs, out):  # out-of-place, so the gradient reaches ``embedding``
+            mask = torch.zeros(out.shape[1], 1, dtype=torch.bool, device=out.device)
+            mask[slot] = True
+            return torch.where(mask, embedding.to(out.dtype), out)
+
+        hook = table.register_forward_hook(put_embedding)
+        try:
+            return self.text_encoder(ids).last_hidden_state
+        finally:
+            hook.remove()
+
+    def encode_prompt(self, prompt: str, token_id: int, embedding: Tensor | None = None) -> Tensor:
+        ids, slot = self._prompt_ids(prompt, token_id)
+        return self._encode_ids(ids, slot, embedding)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(token_id)
+
+    def predict_noise(self, noisy_latents: Tensor, timesteps: Tensor, context: Tensor,
+                      dual_path: DualPathState) -> Tensor:
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=context,
+                         cross_attention_kwargs={"datencoder": dual_path}).sample
