@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random SD1.5-structured models (built in code, nothing downloaded) and a real photo."""
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from training.models import build_random_models
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Read-only models: tests that install processors or change weights build their own."""
+    return build_random_models("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def backend(tiny_models):
+    return tiny_models.backend()
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_models):
+    return tiny_models.random_encoder(seed=0)
+
+
+@pytest.fixture(scope="session")
+def cat_image():
+    """scikit-image's chelsea the cat as a ComfyUI IMAGE: (1, 300, 451, 3) float in [0, 1]."""
+    return torch.from_numpy(data.chelsea().astype(np.float32) / 255.0)[None]

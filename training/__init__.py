@@ -1,0 +1,1 @@
+"""Offline tooling on diffusers / transformers / open_clip: model building and loading, the demo."""
