@@ -68,7 +68,7 @@ class DualPathAttnProcessor:
     def __init__(self, sites: dict[str, str]):
         self.sites = sites  # projection ("to_q", "to_k" or "to_v") -> canonical site name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  datencoder: DualPathState | None = None):
         if attention_mask is not None or hidden_states.ndim != 3:
             raise DATEncoderError("DualPathAttnProcessor supports SD1.x attention only: 3-D input, no mask")
