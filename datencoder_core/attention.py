@@ -58,6 +58,39 @@ class DualPathState:
     hard_context: Tensor
 
 
+def dual_path_forward(attn, x: Tensor, context: Tensor | None, state: DualPathState | None,
+                      sites: dict[str, str]) -> Tensor:
+    """One attention module's forward with Eq. 5, for any host module with ``to_q``, ``to_k``, ``to_v``,
+    ``to_out`` (linear + dropout) and ``heads``: diffusers' ``Attention`` and ComfyUI's ``CrossAttention``.
+
+    ``x`` is (N, T, C); ``context`` (N, S, D), or None for self-attention. ``sites`` maps a projection
+    ("to_q", "to_k", "to_v") to its canonical site name in ``state.lora``. Without a ``state`` it is
+    plain attention.
+    """
+    is_cross = context is not None
+    context = context if is_cross else x
+    if state is None:
+        out = _attention(attn.to_q(x), attn.to_k(context), attn.to_v(context), attn.heads)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def soft(projection: str, inputs: Tensor, base: Tensor) -> Tensor:
+        site = sites.get(projection)
+        return base if site is None else base + state.lora.delta(site, inputs)
+
+    q_base = attn.to_q(x)
+    if is_cross:
+        both = torch.cat([context, state.hard_context.to(context)])
+        k_soft, k_hard = attn.to_k(both).chunk(2)
+        v_soft, v_hard = attn.to_v(both).chunk(2)
+        k_soft, v_soft = soft("to_k", context, k_soft), soft("to_v", context, v_soft)
+    else:
+        k_hard, v_hard = attn.to_k(x), attn.to_v(x)
+        k_soft, v_soft = soft("to_k", x, k_hard), soft("to_v", x, v_hard)
+    out = dual_path_attention((soft("to_q", x, q_base), k_soft, v_soft), (q_base, k_hard, v_hard), attn.heads,
+                              state.alpha)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 class DualPathAttnProcessor:
     """diffusers attention processor for one SD1.x attention module (hook: ``Attention.processor``).
 
@@ -72,40 +105,20 @@ class DualPathAttnProcessor:
                  datencoder: DualPathState | None = None):
         if attention_mask is not None or hidden_states.ndim != 3:
             raise DATEncoderError("DualPathAttnProcessor supports SD1.x attention only: 3-D input, no mask")
-        x = hidden_states
-        is_cross = encoder_hidden_states is not None
-        context = encoder_hidden_states if is_cross else x
-        if datencoder is None:
-            out = _attention(attn.to_q(x), attn.to_k(context), attn.to_v(context), attn.heads)
-            return attn.to_out[1](attn.to_out[0](out))
+        return dual_path_forward(attn, hidden_states, encoder_hidden_states, datencoder, self.sites)
 
-        lora, alpha = datencoder.lora, datencoder.alpha
 
-        def soft(projection: str, inputs: Tensor, base: Tensor) -> Tensor:
-            site = self.sites.get(projection)
-            return base if site is None else base + lora.delta(site, inputs)
-
-        q_base = attn.to_q(x)
-        q = (soft("to_q", x, q_base), q_base)
-        if is_cross:
-            hard_context = datencoder.hard_context
-            k_soft_base, k_hard = attn.to_k(torch.cat([context, hard_context])).chunk(2)
-            v_soft_base, v_hard = attn.to_v(torch.cat([context, hard_context])).chunk(2)
-            k = (soft("to_k", context, k_soft_base), k_hard)
-            v = (soft("to_v", context, v_soft_base), v_hard)
-        else:
-            k_base, v_base = attn.to_k(x), attn.to_v(x)
-            k = (soft("to_k", x, k_base), k_base)
-            v = (soft("to_v", x, v_base), v_base)
-        out = dual_path_attention((q[0], k[0], v[0]), (q[1], k[1], v[1]), attn.heads, alpha)
-        return attn.to_out[1](attn.to_out[0](out))
+def sites_by_attention(sites: tuple[LoRASite, ...]) -> dict[str, dict[str, str]]:
+    """Group sites by attention module path: {"...attn2": {"to_k": "...attn2.to_k", ...}}."""
+    grouped: dict[str, dict[str, str]] = {}
+    for site in sites:
+        grouped.setdefault(site.attention, {})[site.name[len(site.attention) + 1:]] = site.name
+    return grouped
 
 
 def dual_path_processors(attn_processor_names: list[str], sites: tuple[LoRASite, ...]) -> dict[str, DualPathAttnProcessor]:
     """One ``DualPathAttnProcessor`` per attention module, keyed as ``unet.attn_processors`` is
     (``<module path>.processor``), ready for ``unet.set_attn_processor``."""
-    by_attention: dict[str, dict[str, str]] = {}
-    for site in sites:
-        by_attention.setdefault(site.attention, {})[site.name[len(site.attention) + 1:]] = site.name
+    by_attention = sites_by_attention(sites)
     return {key: DualPathAttnProcessor(by_attention.get(key.removesuffix(".processor"), {}))
             for key in attn_processor_names}
