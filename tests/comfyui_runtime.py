@@ -1,0 +1,75 @@
+"""The real ComfyUI (``COMFYUI_PATH``, fetched by ``make test``) in this process, on the CPU, and this
+repository loaded into it as a package, the way ComfyUI loads a custom node."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PACK = "datencoder_pack"
+
+
+def comfyui_path() -> Path:
+    path = Path(os.environ.get("COMFYUI_PATH", ""))
+    if not (path / "main.py").is_file():
+        pytest.fail(f"COMFYUI_PATH={path!s} has no main.py: run the tests with 'make test', which fetches ComfyUI")
+    return path
+
+
+def import_comfyui():
+    """Put ComfyUI first on sys.path (its ``nodes.py`` must win over our ``nodes/``) in CPU mode."""
+    path = str(comfyui_path())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+        sys.modules.pop("nodes", None)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+
+
+def import_pack():
+    """This repository as the package ComfyUI would load from custom_nodes/."""
+    import_comfyui()
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK]
+
+
+def pack_module(name: str):
+    """A submodule of this repository as ComfyUI loads it, e.g. ``pack_module("nodes.patching")``."""
+    import_pack()
+    return importlib.import_module(f"{PACK}.{name}")
+
+
+def comfy_model_from_diffusers(unet):
+    """A ComfyUI SD1.5 ``ModelPatcher`` with exactly the weights of a diffusers UNet, through ComfyUI's
+    own key map and config detection (its checkpoint loader only accepts full-width SD1.5)."""
+    import_comfyui()
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+
+    state = unet.state_dict()
+    levels = len(unet.config.block_out_channels)
+    layers = unet.config.layers_per_block
+    has_attention = [t.startswith("CrossAttn") for t in unet.config.down_block_types]
+    probe = {"num_res_blocks": [layers] * levels, "channel_mult": [1] * levels,
+             "transformer_depth": [int(a) for a in has_attention for _ in range(layers)],
+             "transformer_depth_output": [int(a) for a in has_attention for _ in range(layers + 1)],
+             "transformer_depth_middle": 1}
+    converted = {comfy_key: state[key] for key, comfy_key in comfy.utils.unet_to_diffusers(probe).items()
+                 if key in state}
+    config = comfy.supported_models.SD15(comfy.model_detection.detect_unet_config(converted, ""))
+    model = config.get_model({})
+    model.diffusion_model.load_state_dict(converted, strict=True)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
