@@ -20,7 +20,8 @@ import comfy.utils
 import torch
 from torch import Tensor
 
-from ..datencoder_core import Concept, DATEncoderError, DualPathState, LoRAConfig, LoRAFactors, discover_sites
+from ..datencoder_core import (Concept, DATEncoderError, DualPathState, LoRAConfig, LoRAFactors,
+                               architecture_fingerprint, discover_sites)
 from ..datencoder_core.attention import dual_path_forward, sites_by_attention
 from ..datencoder_core.sites import LoRASite
 

@@ -73,3 +73,28 @@ def comfy_model_from_diffusers(unet):
     model = config.get_model({})
     model.diffusion_model.load_state_dict(converted, strict=True)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def tiny_comfy_clip(seed: int = 0):
+    """ComfyUI's SD1 CLIP (its shipped tokenizer, 49,408 tokens) with a small random text model."""
+    import functools
+    import json
+
+    import_comfyui()
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    config = json.loads((comfyui_path() / "comfy" / "sd1_clip_config.json").read_text())
+    config.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    small = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=config, return_projected_pooled=False)
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_class": small, "dtype": torch.float32})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # ComfyUI leaves weights uninitialised; give them a seeded init
+        for name, parameter in clip.cond_stage_model.named_parameters():
+            if "norm" in name:
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return clip

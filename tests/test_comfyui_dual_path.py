@@ -90,3 +90,47 @@ def test_input_model_is_untouched(comfy, backend, concept):
     assert torch.equal(before, after)
     assert not torch.allclose(before, during, atol=1e-4)
     assert patcher.object_patches == {} and "model_function_wrapper" not in patcher.model_options
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_sampling_with_cfg_and_a_batch(comfy, backend, concept, sampler):
+    """ComfyUI's KSampler with CFG 5 and two latents: the patched model samples, finitely, differently
+    from the original, and the original samples bit-identically before and after."""
+    import nodes as comfy_nodes
+
+    patching, patcher = comfy
+    _, _, soft, hard = _inputs(backend, concept)
+    positive = [[soft, {patching.HARD_CONTEXT_KEY: hard}]]
+    negative = [[backend.encode_prompt("blurry {}", 5), {}]]
+    latent = {"samples": torch.zeros(2, 4, 16, 16)}
+
+    def sample(model):
+        (out,) = comfy_nodes.common_ksampler(model, 3, 4, 5.0, sampler, "normal", positive, negative, latent)
+        return out["samples"]
+
+    before = sample(patcher)
+    patched = sample(patching.patch_model(patcher, concept, 0.25))
+    after = sample(patcher)
+    assert patched.shape == (2, 4, 16, 16) and torch.isfinite(patched).all()
+    assert not torch.allclose(patched, before, atol=1e-3)
+    assert torch.equal(before, after)
+
+
+def test_comfyui_conditioning_nodes_keep_working(comfy, backend, concept):
+    """Combine (with a plain prompt), set area and timestep range after Apply Concept Token's output."""
+    import nodes as comfy_nodes
+
+    patching, patcher = comfy
+    _, _, soft, hard = _inputs(backend, concept)
+    concept_cond = [[soft, {patching.HARD_CONTEXT_KEY: hard}]]
+    plain = [[backend.encode_prompt("a forest {}", 9), {}]]
+    (combined,) = comfy_nodes.ConditioningCombine().combine(concept_cond, plain)
+    (area,) = comfy_nodes.ConditioningSetArea().append(combined, 64, 64, 0, 0, 1.0)
+    (timed,) = comfy_nodes.ConditioningSetTimestepRange().set_range(area, 0.0, 0.6)
+    assert patching.HARD_CONTEXT_KEY in timed[0][1] and patching.HARD_CONTEXT_KEY not in timed[1][1]
+    negative = [[backend.encode_prompt("blurry {}", 5), {}]]
+    latent = {"samples": torch.zeros(2, 4, 16, 16)}
+    patched = patching.patch_model(patcher, concept, 0.25)
+    (out,) = comfy_nodes.common_ksampler(patched, 1, 3, 4.0, "euler", "normal", timed, negative, latent)
+    (plain_out,) = comfy_nodes.common_ksampler(patcher, 1, 3, 4.0, "euler", "normal", timed, negative, latent)
+    assert torch.isfinite(out["samples"]).all() and not torch.allclose(out["samples"], plain_out["samples"], atol=1e-3)

@@ -1,0 +1,119 @@
+"""The DATEncoder nodes (V3 schema). Each node's ``execute`` takes exactly its schema's input ids."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io, ui
+from typing_extensions import override
+
+from ..datencoder_core import Concept
+from . import paths
+from .conditioning import encode_with_concept
+from .patching import patch_model
+
+ConceptType = io.Custom("CONCEPT")
+
+
+class DATEncoderLoadConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DATEncoderLoadConcept", display_name="Load Concept", category="DATEncoder",
+            description="Loads a concept saved by Save Concept (or by python -m training.demo) from "
+                        "models/datencoder_concepts/.",
+            inputs=[io.Combo.Input("concept_name", options=folder_paths.get_filename_list(paths.CONCEPTS))],
+            outputs=[ConceptType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, concept_name) -> io.NodeOutput:
+        concept = Concept.load(folder_paths.get_full_path_or_raise(paths.CONCEPTS, concept_name))
+        return io.NodeOutput(concept, ui=ui.PreviewText(f"nearest word: {concept.token}"))
+
+
+class DATEncoderSaveConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DATEncoderSaveConcept", display_name="Save Concept", category="DATEncoder",
+            description="Saves a concept to models/datencoder_concepts/<name>.safetensors.",
+            inputs=[ConceptType.Input("concept"), io.String.Input("name", default="my_concept"),
+                    io.Boolean.Input("overwrite", default=False)],
+            outputs=[], is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, concept, name, overwrite) -> io.NodeOutput:
+        path = paths.output_path(paths.CONCEPTS, name, overwrite)
+        concept.save(path)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {path}"))
+
+
+class DATEncoderExportConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DATEncoderExportConcept", display_name="Export Concept as LoRA + Embedding",
+            category="DATEncoder",
+            description="Writes models/loras/<name>.safetensors and models/embeddings/<name>.safetensors for "
+                        "any SD1.5 tool (prompt with embedding:<name>). The export has no dual path: it is the "
+                        "concept at alpha_blend = 1.",
+            inputs=[ConceptType.Input("concept"), io.String.Input("name", default="my_concept"),
+                    io.Boolean.Input("overwrite", default=False)],
+            outputs=[], is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, concept, name, overwrite) -> io.NodeOutput:
+        lora_path = paths.output_path("loras", name, overwrite)
+        embedding_path = paths.output_path("embeddings", name, overwrite)
+        concept.export(lora_path, embedding_path)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {lora_path} and {embedding_path}"))
+
+
+class DATEncoderDualPathPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DATEncoderDualPathPatch", display_name="Dual-Path Model Patch", category="DATEncoder",
+            description="A copy of the model that samples with the concept: every attention module blends "
+                        "the concept's path (LoRA + soft prompt) with the original one (nearest word), "
+                        "out = a * concept + (1 - a) * original. Use it with Apply Concept Token.",
+            inputs=[io.Model.Input("model"), ConceptType.Input("concept"),
+                    io.Float.Input("alpha_blend", default=0.25, min=0.0, max=1.0, step=0.01,
+                                   tooltip="0: the original model with the nearest word; 1: plain LoRA"),
+                    io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05)],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, concept, alpha_blend, lora_strength) -> io.NodeOutput:
+        return io.NodeOutput(patch_model(model, concept, alpha_blend, lora_strength))
+
+
+class DATEncoderApplyConceptToken(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DATEncoderApplyConceptToken", display_name="Apply Concept Token", category="DATEncoder",
+            description="Encodes a prompt in which the placeholder stands for the concept.",
+            inputs=[io.Clip.Input("clip"), ConceptType.Input("concept"),
+                    io.String.Input("text", multiline=True, default="a photo of S* on the beach"),
+                    io.String.Input("placeholder", default="S*")],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip, concept, text, placeholder) -> io.NodeOutput:
+        return io.NodeOutput(encode_with_concept(clip, text, concept, placeholder))
+
+
+class DATEncoderExtension(ComfyExtension):
+    @override
+    async def on_load(self) -> None:
+        paths.register()
+
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [DATEncoderLoadConcept, DATEncoderSaveConcept, DATEncoderExportConcept, DATEncoderDualPathPatch,
+                DATEncoderApplyConceptToken]
