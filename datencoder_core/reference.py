@@ -50,15 +50,7 @@ class DiffusersReferenceBackend:
         return self._clip_tokens(images), self._unet_mid_features(noisy_latents, timesteps)
 
     def _clip_tokens(self, images: Tensor) -> Tensor:
-        """open_clip applies ``ln_post`` after its transformer; the contract wants the tokens before it."""
-        captured = []
-        hook = self.vision_tower.transformer.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            pixels = clip_preprocess(images.to(self.device), self.vision_tower.image_size[0])
-            self.vision_tower(pixels.to(next(self.vision_tower.parameters()).dtype))
-        finally:
-            hook.remove()
-        return captured[0]
+        return open_clip_tokens(self.vision_tower, images.to(self.device))
 
     def _unet_mid_features(self, noisy_latents: Tensor, timesteps: Tensor) -> Tensor:
         """The encoder half of ``UNet2DConditionModel.forward`` (time embedding, conv_in, down blocks,
@@ -118,3 +110,17 @@ class DiffusersReferenceBackend:
                       dual_path: DualPathState) -> Tensor:
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=context,
                          cross_attention_kwargs={"datencoder": dual_path}).sample
+
+
+def open_clip_tokens(vision_tower: nn.Module, images: Tensor) -> Tensor:
+    """CLIP tokens by the feature contract from an open_clip ``VisionTransformer``: (B, 1 + g*g, C),
+    taken with a hook BEFORE ``ln_post`` (open_clip's own ``output_tokens`` come after it), from the
+    same preprocessing as ComfyUI's ``clip_preprocess``."""
+    captured = []
+    hook = vision_tower.transformer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        pixels = clip_preprocess(images, vision_tower.image_size[0])
+        vision_tower(pixels.to(next(vision_tower.parameters())))
+    finally:
+        hook.remove()
+    return captured[0]
