@@ -59,7 +59,7 @@ def architecture_fingerprint(sites: Iterable[LoRASite], token_dim: int) -> str:
 
     Concepts and encoders are tied to an architecture (SD1.x), not to one checkpoint, so a concept made
     on SD1.5 also loads on SD1.5 fine-tunes, as LoRA files do; one made for another architecture
-    does not.
+    does not. The order of ``sites`` does not matter.
     """
-    payload = json.dumps([[s.name, s.in_features, s.out_features] for s in sites] + [token_dim])
+    payload = json.dumps(sorted([s.name, s.in_features, s.out_features] for s in sites) + [token_dim])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

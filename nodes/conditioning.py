@@ -12,14 +12,14 @@ from ..datencoder_core import Concept, DATEncoderError
 from .patching import HARD_CONTEXT_KEY
 
 
-def _placeholder_ids(clip, placeholder: str) -> list[int]:
+def placeholder_ids(clip, placeholder: str) -> list[int]:
     """The token ids the placeholder alone tokenizes to, between the start and the end token."""
     [chunk] = next(iter(clip.tokenize(placeholder).values()))
     ids = [int(token) for token, *_ in chunk]
     return ids[1:ids.index(ids[-1], 1)]  # SD1 pads with the end token
 
 
-def _replace(tokens: dict, span: list[int], replacement) -> tuple[dict, int]:
+def replace_placeholder(tokens: dict, span: list[int], replacement) -> tuple[dict, int]:
     """Replace every occurrence of ``span`` in every chunk by one ``replacement`` entry, padding each
     chunk back to its length; return the new tokens and the number of occurrences."""
     found, out = 0, {}
@@ -56,12 +56,12 @@ def encode_with_concept(clip, text: str, concept: Concept, placeholder: str = "S
     if concept.v_star.shape[-1] != width:
         raise DATEncoderError(f"the concept's embedding is {concept.v_star.shape[-1]}-d, this CLIP's tokens are "
                               f"{width}-d: the concept was made for another base model")
-    span = _placeholder_ids(clip, placeholder)
-    soft_tokens, found = _replace(tokens, span, concept.v_star)
+    span = placeholder_ids(clip, placeholder)
+    soft_tokens, found = replace_placeholder(tokens, span, concept.v_star)
     if found == 0:
         raise DATEncoderError(f"the placeholder {placeholder!r} is attached to other characters in the prompt "
                               f"and tokenizes differently; put spaces around it")
-    hard_tokens, _ = _replace(tokens, span, concept.token_id)
+    hard_tokens, _ = replace_placeholder(tokens, span, concept.token_id)
     soft, pooled = clip.encode_from_tokens(soft_tokens, return_pooled=True)
     hard = clip.encode_from_tokens(hard_tokens)
     return [[soft, {"pooled_output": pooled, HARD_CONTEXT_KEY: hard}]]

@@ -30,14 +30,14 @@ STATE_KEY = "datencoder"  # transformer_options key read by DualPathAttentionPat
 
 
 def comfy_sites(patcher, lora_config: LoRAConfig = LoRAConfig()) -> tuple[tuple[LoRASite, ...], dict[str, str]]:
-    """The model's LoRA sites under canonical (diffusers) names, and canonical -> ComfyUI module path,
-    from ComfyUI's own key map (``comfy.utils.unet_to_diffusers``)."""
+    """The model's LoRA sites under canonical (diffusers) names, sorted by name, and canonical -> ComfyUI
+    module path, from ComfyUI's own key map (``comfy.utils.unet_to_diffusers``, whose order varies)."""
     key_map = comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
     comfy_path = {d.removesuffix(".weight"): c.removesuffix(".weight") for d, c in key_map.items()
                   if d.endswith(".weight")}
     modules = dict(patcher.model.diffusion_model.named_modules())
     named = [(name, modules[path]) for name, path in comfy_path.items() if path in modules]
-    sites = discover_sites(named, lora_config.targets)
+    sites = tuple(sorted(discover_sites(named, lora_config.targets), key=lambda site: site.name))
     return sites, {site.name: comfy_path[site.name] for site in sites}
 
 
@@ -113,13 +113,14 @@ def _matched_contexts(context: Tensor, hard: Tensor, cond_or_uncond: list[int]) 
 def patch_model(patcher, concept: Concept, alpha: float, lora_strength: float = 1.0):
     """A clone of ``patcher`` that samples with ``concept`` through the dual path (Eq. 5)."""
     sites, comfy_path = comfy_sites(patcher)
-    missing = sorted(set(concept.lora.down) - {s.name for s in sites})
-    if missing:
-        raise DATEncoderError(f"the concept has LoRA for {len(missing)} layers this model lacks (e.g. {missing[0]}); "
-                         f"it was made for another base model")
+    fingerprint = architecture_fingerprint(sites, patcher.model.model_config.unet_config["context_dim"])
+    if concept.base_fingerprint != fingerprint:
+        raise DATEncoderError(f"the concept (encoder {concept.encoder_id}) was made for another base model "
+                              f"(fingerprint {concept.base_fingerprint}, this MODEL's is {fingerprint}); "
+                              f"use an SD1.x checkpoint")
     clone = patcher.clone()
     diffusion_model = patcher.model.diffusion_model
-    for attention, projections in sites_by_attention(sites).items():
+    for projections in sites_by_attention(sites).values():
         path = comfy_path[next(iter(projections.values()))].rsplit(".", 1)[0]
         clone.add_object_patch(f"diffusion_model.{path}.forward",
                                DualPathAttentionPatch(comfy.utils.get_attr(diffusion_model, path), projections))

@@ -29,7 +29,7 @@ def _plain(clip, text):
 
 @pytest.mark.parametrize("text", ["a photo of S* in the snow", "S* and S* on a (sofa:1.2)"])
 def test_concept_of_a_real_word_equals_writing_the_word(clip, conditioning, text):
-    [cat] = conditioning._placeholder_ids(clip, "cat")
+    [cat] = conditioning.placeholder_ids(clip, "cat")
     table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
     concept = _concept(clip, cat, table[cat].detach().clone())
     [[soft, extras]] = conditioning.encode_with_concept(clip, text, concept)
@@ -40,7 +40,7 @@ def test_concept_of_a_real_word_equals_writing_the_word(clip, conditioning, text
 
 
 def test_soft_and_hard_prompts_differ_from_the_concept_token_on(clip, conditioning):
-    [cat] = conditioning._placeholder_ids(clip, "cat")
+    [cat] = conditioning.placeholder_ids(clip, "cat")
     concept = _concept(clip, cat, torch.randn(32))
     [[soft, extras]] = conditioning.encode_with_concept(clip, "a photo of S* in the snow", concept)
     hard = extras[pack_module("nodes.patching").HARD_CONTEXT_KEY]

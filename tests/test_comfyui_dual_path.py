@@ -1,5 +1,7 @@
 """The ComfyUI dual path against the diffusers reference, on identical tiny weights, in the real ComfyUI."""
 
+import dataclasses
+
 import pytest
 import torch
 from comfyui_runtime import comfy_model_from_diffusers, pack_module
@@ -134,3 +136,16 @@ def test_comfyui_conditioning_nodes_keep_working(comfy, backend, concept):
     (out,) = comfy_nodes.common_ksampler(patched, 1, 3, 4.0, "euler", "normal", timed, negative, latent)
     (plain_out,) = comfy_nodes.common_ksampler(patcher, 1, 3, 4.0, "euler", "normal", timed, negative, latent)
     assert torch.isfinite(out["samples"]).all() and not torch.allclose(out["samples"], plain_out["samples"], atol=1e-3)
+
+
+def test_concept_for_another_model_is_refused(comfy, concept):
+    patching, patcher = comfy
+    foreign = dataclasses.replace(concept, base_fingerprint="0123456789abcdef")
+    with pytest.raises(Exception, match="made for another base model .*fingerprint 0123456789abcdef"):
+        patching.patch_model(patcher, foreign, 0.25)
+
+
+def test_fingerprint_agrees_with_the_reference_backend(comfy, backend):
+    patching, patcher = comfy
+    sites, _ = patching.comfy_sites(patcher)
+    assert architecture_fingerprint(sites, 32) == architecture_fingerprint(backend.sites, 32)

@@ -1,0 +1,83 @@
+"""The ComfyUI tuning backend against the diffusers reference: same weights, same step, same gradients."""
+
+import dataclasses
+
+import pytest
+import torch
+from comfyui_runtime import comfy_model_from_diffusers, comfyui_path, pack_module, tiny_comfy_clip
+from transformers import CLIPTokenizer
+
+from datencoder_core import DualPathState, LoRAFactors, diffusion_loss
+from training.models import _text_encoder, build_random_models
+
+PROMPT = "a photo of {}"
+
+
+@pytest.fixture(scope="module")
+def backends():
+    """Reference and ComfyUI backends over identical UNet and text-encoder weights and tokenizer.
+    ComfyUI's copies are created under inference mode, as its loaders create them."""
+    folder = comfyui_path() / "comfy" / "sd1_tokenizer"
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    torch.manual_seed(1)
+    text_encoder = _text_encoder(tokenizer, 49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4)
+    models = dataclasses.replace(build_random_models("tiny", seed=0), text_encoder=text_encoder, tokenizer=tokenizer)
+    with torch.inference_mode():
+        patcher = comfy_model_from_diffusers(models.unet)
+        clip = tiny_comfy_clip()
+        state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
+        missing, unexpected = clip.load_sd(state)
+    assert set(missing) <= {"text_projection.weight"} and not unexpected, (missing, unexpected)
+    reference = models.backend()
+    with torch.inference_mode(False):
+        comfy = pack_module("nodes.backend").ComfyUIBackend(patcher, clip, vae=None, clip_vision=None)
+    return reference, comfy
+
+
+def _one_step(backend, token_id, v_star, lora, alpha=0.25):
+    g = torch.Generator().manual_seed(3)
+    latents, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([100, 600])
+    v = v_star.clone().requires_grad_(True)
+    factors = LoRAFactors({k: a.clone().requires_grad_(True) for k, a in lora.down.items()},
+                          {k: b.clone().requires_grad_(True) for k, b in lora.up.items()}, lora.scale)
+    noisy = backend.alphas_cumprod[t].sqrt()[:, None, None, None] * latents + (
+        1 - backend.alphas_cumprod[t]).sqrt()[:, None, None, None] * noise
+    soft = backend.encode_prompt(PROMPT, token_id, v).expand(2, -1, -1)
+    with torch.no_grad():
+        hard = backend.encode_prompt(PROMPT, token_id).expand(2, -1, -1)
+    loss = diffusion_loss(backend.predict_noise(noisy, t, soft, DualPathState(factors, alpha, hard)), noise)
+    loss.backward()
+    return loss.detach(), v.grad, factors
+
+
+def test_one_tuning_step_gives_the_same_loss_and_gradients(backends):
+    reference, comfy = backends
+    def shapes(sites):
+        return sorted((s.name, s.in_features, s.out_features) for s in sites)
+
+    assert shapes(comfy.sites) == shapes(reference.sites)
+    assert torch.allclose(comfy.alphas_cumprod, reference.alphas_cumprod, atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    lora = LoRAFactors({s.name: torch.randn(4, s.in_features, generator=g) * 0.1 for s in reference.sites},
+                       {s.name: torch.randn(s.out_features, 4, generator=g) * 0.1 for s in reference.sites}, 1.0)
+    v_star, token_id = torch.randn(32, generator=g) * 0.5, 2368
+    with torch.inference_mode(False):
+        comfy_loss, comfy_v_grad, comfy_lora = _one_step(comfy, token_id, v_star, lora)
+    ref_loss, ref_v_grad, ref_lora = _one_step(reference, token_id, v_star, lora)
+    assert torch.allclose(comfy_loss, ref_loss, rtol=1e-5)
+    assert torch.allclose(comfy_v_grad, ref_v_grad, rtol=1e-3, atol=1e-7)
+    for site in lora.down:
+        assert torch.allclose(comfy_lora.down[site].grad, ref_lora.down[site].grad, rtol=1e-3, atol=1e-7), site
+        assert torch.allclose(comfy_lora.up[site].grad, ref_lora.up[site].grad, rtol=1e-3, atol=1e-7), site
+    assert comfy_v_grad.abs().sum() > 0
+
+
+def test_prompts_and_tokens_match_the_reference(backends):
+    reference, comfy = backends
+    for token_id in (2368, 320):
+        assert torch.allclose(comfy.encode_prompt(PROMPT, token_id), reference.encode_prompt(PROMPT, token_id),
+                              atol=1e-5)
+    assert comfy.decode_token(2368) == reference.decode_token(2368) == "cat</w>"
+    assert set(comfy.special_token_ids) == set(reference.special_token_ids)
