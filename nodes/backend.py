@@ -58,11 +58,13 @@ class ComfyUIBackend:
         self._inv_vocab = tokenizer.inv_vocab
         self._empty_context = self._encode_ids(self._ids("", None)[0])
 
+    @torch.no_grad()
     def encode_latents(self, images: Tensor) -> Tensor:
         pixels = (vae_preprocess(images, self.image_size).movedim(1, -1) + 1.0) / 2.0  # (B, H, W, 3) in [0, 1]
         latents = self.model.process_latent_in(self.vae.encode(pixels))
         return latents.clone().to(self.device, torch.float32)
 
+    @torch.no_grad()
     def image_features(self, images: Tensor, noisy_latents: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         tokens = self.clip_vision.encode_image(images)["last_hidden_state"].clone().to(self.device)
         unet = self.unet

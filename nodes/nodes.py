@@ -2,16 +2,90 @@
 
 from __future__ import annotations
 
+import logging
+from typing import NamedTuple
+
+import comfy.model_management
+import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
-from ..datencoder_core import Concept
+from ..datencoder_core import Concept, DATEncoder, TuningConfig, load_encoder, personalize
 from . import paths
+from .backend import ComfyUIBackend
 from .conditioning import encode_with_concept
 from .patching import patch_model
 
 ConceptType = io.Custom("CONCEPT")
+EncoderType = io.Custom("DATENCODER")
+logger = logging.getLogger("datencoder")
+
+
+class LoadedEncoder(NamedTuple):
+    encoder: DATEncoder
+    encoder_id: str
+
+
+class DATEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DATEncoderLoader", display_name="DATEncoder Loader", category="DATEncoder",
+            description="Loads DATEncoder weights (.safetensors) from models/datencoder/.",
+            inputs=[io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(paths.ENCODERS))],
+            outputs=[EncoderType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, encoder_name) -> io.NodeOutput:
+        encoder, encoder_id = load_encoder(folder_paths.get_full_path_or_raise(paths.ENCODERS, encoder_name))
+        return io.NodeOutput(LoadedEncoder(encoder, encoder_id), ui=ui.PreviewText(f"encoder {encoder_id}"))
+
+
+class DATEncoderPersonalize(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        defaults = TuningConfig()
+        return io.Schema(
+            node_id="DATEncoderPersonalize", display_name="Personalize Concept", category="DATEncoder",
+            description="From one photo (or a batch of photos of the same concept): one encoder forward, "
+                        "then a few tuning steps of the concept's word embedding and LoRA. steps = 0: encoder only.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+                    io.ClipVision.Input("clip_vision", tooltip="CLIP-ViT-H-14 (the IP-Adapter one)"),
+                    EncoderType.Input("datencoder"), io.Image.Input("image"),
+                    io.Int.Input("steps", default=defaults.steps, min=0, max=100),
+                    io.Float.Input("lr", default=defaults.lr, min=1e-5, max=1e-1, step=1e-4),
+                    io.Float.Input("alpha_blend", default=defaults.alpha_blend, min=0.0, max=1.0, step=0.01),
+                    io.Int.Input("timesteps_per_step", default=defaults.timesteps_per_step, min=1, max=32),
+                    io.Int.Input("seed", default=0, min=0, max=2**63 - 1)],
+            outputs=[ConceptType.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, clip_vision, datencoder, image, steps, lr, alpha_blend,
+                timesteps_per_step, seed) -> io.NodeOutput:
+        config = TuningConfig(steps=steps, lr=lr, alpha_blend=alpha_blend, timesteps_per_step=timesteps_per_step,
+                              seed=seed)
+        bar = comfy.utils.ProgressBar(max(steps, 1))
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update_absolute(step, total)
+            if node_id is not None:
+                from server import PromptServer
+
+                PromptServer.instance.send_progress_text(f"step {step}/{total}  loss {loss:.4f}", node_id)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            backend = ComfyUIBackend(model, clip, vae, clip_vision)
+            encoder = datencoder.encoder.to(backend.device)
+            concept = personalize(backend, encoder, datencoder.encoder_id, image, config, progress=progress,
+                                  interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+        logger.info("DATEncoder: concept ready, nearest word %r", concept.token)
+        return io.NodeOutput(concept, ui=ui.PreviewText(f"nearest word: {concept.token}"))
 
 
 class DATEncoderLoadConcept(io.ComfyNode):
@@ -115,5 +189,5 @@ class DATEncoderExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DATEncoderLoadConcept, DATEncoderSaveConcept, DATEncoderExportConcept, DATEncoderDualPathPatch,
-                DATEncoderApplyConceptToken]
+        return [DATEncoderLoader, DATEncoderPersonalize, DATEncoderLoadConcept, DATEncoderSaveConcept,
+                DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderApplyConceptToken]

@@ -98,3 +98,39 @@ def tiny_comfy_clip(seed: int = 0):
             else:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
     return clip
+
+
+def tiny_comfy_clip_vision(tmp_path, seed: int = 0):
+    """ComfyUI's CLIP vision model (ViT-H-14 layout, 224 px, 16x16 patches) at width 32, random weights."""
+    import json
+
+    import_comfyui()
+    import comfy.clip_vision
+
+    config = json.loads((comfyui_path() / "comfy" / "clip_vision_config_h.json").read_text())
+    config.update(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2, projection_dim=32)
+    path = tmp_path / "clip_vision_tiny.json"
+    path.write_text(json.dumps(config))
+    clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in clip_vision.model.named_parameters():
+            if "norm" in name:
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return clip_vision
+
+
+def comfy_vae_from_diffusers(vae):
+    """ComfyUI's VAE with exactly the weights of a diffusers ``AutoencoderKL`` (ComfyUI converts the
+    keys; the shape config is given, since ComfyUI only detects full-size SD VAEs)."""
+    import_comfyui()
+    import comfy.sd
+
+    channels = list(vae.config.block_out_channels)
+    ddconfig = {"double_z": True, "z_channels": vae.config.latent_channels, "resolution": 256, "in_channels": 3,
+                "out_ch": 3, "ch": channels[0], "ch_mult": [c // channels[0] for c in channels],
+                "num_res_blocks": vae.config.layers_per_block, "attn_resolutions": [], "dropout": 0.0}
+    return comfy.sd.VAE(sd=vae.state_dict(), config={"params": {"embed_dim": vae.config.latent_channels,
+                                                                "ddconfig": ddconfig}})

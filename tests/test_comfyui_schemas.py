@@ -10,7 +10,7 @@ def test_execute_parameters_equal_schema_inputs():
     extension = pack_module("nodes.nodes").DATEncoderExtension()
     asyncio.run(extension.on_load())
     nodes = asyncio.run(extension.get_node_list())
-    assert len(nodes) == 5
+    assert len(nodes) == 7
     for node in nodes:
         declared = [spec.id for spec in node.define_schema().inputs]
         assert list(inspect.signature(node.execute).parameters) == declared, node.__name__

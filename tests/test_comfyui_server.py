@@ -14,6 +14,8 @@ from comfyui_runtime import REPO, comfyui_path
 from datencoder_core import Concept, LoRAFactors
 
 NODES = {
+    "DATEncoderLoader": ([], ["DATENCODER"]),
+    "DATEncoderPersonalize": (["MODEL", "CLIP", "VAE", "CLIP_VISION", "DATENCODER", "IMAGE"], ["CONCEPT"]),
     "DATEncoderLoadConcept": ([], ["CONCEPT"]),
     "DATEncoderSaveConcept": (["CONCEPT"], []),
     "DATEncoderExportConcept": (["CONCEPT"], []),
@@ -82,7 +84,8 @@ def test_all_nodes_register_with_their_types(server):
     for node, (input_types, output_types) in NODES.items():
         assert node in info, f"{node} missing from /object_info"
         required = info[node]["input"]["required"]
-        assert [spec[0] for spec in required.values() if spec[0] in ("MODEL", "CLIP", "CONCEPT")] == input_types
+        assert [spec[0] for spec in required.values() if spec[0] in (
+            "MODEL", "CLIP", "VAE", "CLIP_VISION", "DATENCODER", "IMAGE", "CONCEPT")] == input_types
         assert info[node]["output"] == output_types
         assert info[node]["category"] == "DATEncoder"
     assert info["DATEncoderLoadConcept"]["input"]["required"]["concept_name"][1]["options"] == ["cat.safetensors"]

@@ -1,0 +1,111 @@
+"""Personalize Concept and DATEncoder Loader, run as ComfyUI's executor runs nodes (inference mode)."""
+
+import pytest
+import torch
+from comfyui_runtime import (comfy_model_from_diffusers, comfy_vae_from_diffusers, pack_module, tiny_comfy_clip,
+                             tiny_comfy_clip_vision)
+
+from training.models import TINY_ENCODER
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models, tmp_path_factory):
+    nodes = pack_module("nodes.nodes")
+    core = pack_module("datencoder_core")
+    with torch.inference_mode():  # as ComfyUI's loaders run
+        patcher = comfy_model_from_diffusers(tiny_models.unet)
+        clip = tiny_comfy_clip()
+        clip_vision = tiny_comfy_clip_vision(tmp_path_factory.mktemp("clip_vision"))
+        vae = comfy_vae_from_diffusers(tiny_models.vae)
+    torch.manual_seed(0)
+    sites = core.discover_sites(tiny_models.unet.named_modules(), core.LoRAConfig().targets)
+    encoder = core.DATEncoder(core.EncoderConfig(**TINY_ENCODER.to_dict()), core.LoRAConfig(), sites).eval()
+    return nodes, patcher, clip, vae, clip_vision, nodes.LoadedEncoder(encoder, "tiny@test")
+
+
+def _personalize(stack, image, steps=2, seed=0):
+    nodes, patcher, clip, vae, clip_vision, encoder = stack
+    with torch.inference_mode():
+        return nodes.DATEncoderPersonalize.execute(patcher, clip, vae, clip_vision, encoder, image, steps, 2e-3,
+                                                   0.25, 1, seed)  # one timestep per step: 512 px is slow on CPU
+
+
+def _fingerprints(stack):
+    """Outputs of the input MODEL and CLIP, to show they are untouched."""
+    _, patcher, clip, *_ = stack
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.inference_mode():
+        unet = patcher.model.diffusion_model(x, torch.tensor([500.0]), context=context)
+        text = clip.encode_from_tokens(clip.tokenize("a photo of a cat"))
+    return unet, text
+
+
+def test_personalize_makes_a_concept_and_leaves_inputs_untouched(stack, cat_image):
+    before = _fingerprints(stack)
+    output = _personalize(stack, cat_image)
+    concept = output.result[0]
+    assert concept.v_star.shape == (32,) and len(concept.lora.down) == 96
+    assert output.ui.as_dict() == {"text": (f"nearest word: {concept.token}",)}
+    assert concept.token_id not in (49406, 49407) and concept.encoder_id == "tiny@test"
+    assert any(b.abs().sum() > 0 for b in concept.lora.up.values())
+    after = _fingerprints(stack)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert stack[1].object_patches == {}
+
+
+def test_same_inputs_and_seed_give_the_same_concept(stack, cat_image):
+    first, second = (_personalize(stack, cat_image).result[0] for _ in range(2))
+    other = _personalize(stack, cat_image, seed=1).result[0]
+    assert torch.equal(first.v_star, second.v_star)
+    assert not torch.equal(first.v_star, other.v_star)
+
+
+def test_cancel_stops_within_one_step_and_leaves_inputs_untouched(stack, cat_image):
+    import comfy.model_management
+    import comfy.utils
+
+    before = _fingerprints(stack)
+    steps_done = []
+
+    def hook(value, total, preview, node_id=None):
+        steps_done.append(value)
+        comfy.model_management.interrupt_current_processing(True)  # the user presses Cancel after step 1
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _personalize(stack, cat_image, steps=5)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert steps_done == [1]
+    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda cat: torch.cat([cat, torch.ones_like(cat[..., :1])], -1),  # RGBA
+    lambda cat: cat.mean(-1, keepdim=True),  # grayscale
+    lambda cat: cat[:, :, :200],  # non-square (portrait)
+    lambda cat: torch.cat([cat, cat.flip(2)]),  # a batch of photos of one concept
+], ids=["alpha", "grayscale", "non_square", "batch"])
+def test_image_kinds(stack, cat_image, make):
+    concept = _personalize(stack, make(cat_image), steps=1).result[0]
+    assert concept.v_star.shape == (32,) and torch.isfinite(concept.v_star).all()
+
+
+def test_bad_image_is_a_clear_error_and_inputs_stay_untouched(stack):
+    error = pack_module("datencoder_core").DATEncoderError
+    before = _fingerprints(stack)
+    with pytest.raises(error, match="expected an IMAGE tensor"):
+        _personalize(stack, torch.rand(1, 64, 64, 2))
+    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack)))
+
+
+def test_latents_match_the_reference_backend(stack, backend, cat_image):
+    """Same VAE weights: ComfyUI's encoding (mean, scaled by the model's latent format) is the reference's."""
+    _, patcher, clip, vae, clip_vision, _ = stack
+    with torch.inference_mode(False):
+        comfy_backend = pack_module("nodes.backend").ComfyUIBackend(patcher, clip, vae, clip_vision, image_size=128)
+        ours = comfy_backend.encode_latents(cat_image)
+    assert torch.allclose(ours, backend.encode_latents(cat_image), atol=1e-5)
