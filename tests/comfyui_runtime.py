@@ -75,6 +75,18 @@ def comfy_model_from_diffusers(unet):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
+def _seeded_init(module, seed: int) -> None:
+    """ComfyUI builds models with uninitialised weights (they are meant to be loaded): norms to the
+    identity, everything else N(0, 0.02), from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "norm" in name:
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+
+
 def tiny_comfy_clip(seed: int = 0):
     """ComfyUI's SD1 CLIP (its shipped tokenizer, 49,408 tokens) with a small random text model."""
     import functools
@@ -90,13 +102,7 @@ def tiny_comfy_clip(seed: int = 0):
     small = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=config, return_projected_pooled=False)
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     clip = comfy.sd.CLIP(target, model_options={"clip_l_class": small, "dtype": torch.float32})
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # ComfyUI leaves weights uninitialised; give them a seeded init
-        for name, parameter in clip.cond_stage_model.named_parameters():
-            if "norm" in name:
-                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    _seeded_init(clip.cond_stage_model, seed)
     return clip
 
 
@@ -112,13 +118,7 @@ def tiny_comfy_clip_vision(tmp_path, seed: int = 0):
     path = tmp_path / "clip_vision_tiny.json"
     path.write_text(json.dumps(config))
     clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in clip_vision.model.named_parameters():
-            if "norm" in name:
-                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    _seeded_init(clip_vision.model, seed)
     return clip_vision
 
 
