@@ -50,10 +50,13 @@ class DualPathAttentionPatch:
 
     def __call__(self, x, context=None, value=None, mask=None, transformer_options={}):
         state = transformer_options.get(STATE_KEY)
-        if state is None or (value is None and mask is None):
-            return dual_path_forward(self.module, x, context, state, self.sites)
-        raise RuntimeError("DATEncoder dual path: another patch passes a separate value or mask to SD1.x "
-                           "attention; apply the Dual-Path Model Patch without it")
+        if state is None:  # not a concept call: ComfyUI's own forward, untouched
+            return type(self.module).forward(self.module, x, context=context, value=value, mask=mask,
+                                             transformer_options=transformer_options)
+        if value is not None or mask is not None:
+            raise DATEncoderError("another patch passes a separate value or mask to SD1.x attention, which the "
+                                  "Dual-Path Model Patch cannot combine with; apply it without that patch")
+        return dual_path_forward(self.module, x, context, state, self.sites)
 
 
 class ConceptConds:
@@ -111,7 +114,11 @@ def _matched_contexts(context: Tensor, hard: Tensor, cond_or_uncond: list[int]) 
 
 
 def patch_model(patcher, concept: Concept, alpha: float, lora_strength: float = 1.0):
-    """A clone of ``patcher`` that samples with ``concept`` through the dual path (Eq. 5)."""
+    """A clone of ``patcher`` that samples with ``concept`` through the dual path (Eq. 5). One concept
+    per model: a model that already carries one is refused."""
+    if isinstance(patcher.model_options.get("model_function_wrapper"), DualPathWrapper):
+        raise DATEncoderError("this MODEL already went through a Dual-Path Model Patch; DATEncoder applies one "
+                              "concept per model: patch the original MODEL instead")
     sites, comfy_path = comfy_sites(patcher)
     fingerprint = architecture_fingerprint(sites, patcher.model.model_config.unet_config["context_dim"])
     if concept.base_fingerprint != fingerprint:

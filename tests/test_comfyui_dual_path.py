@@ -149,3 +149,29 @@ def test_fingerprint_agrees_with_the_reference_backend(comfy, backend):
     patching, patcher = comfy
     sites, _ = patching.comfy_sites(patcher)
     assert architecture_fingerprint(sites, 32) == architecture_fingerprint(backend.sites, 32)
+
+
+def test_a_second_concept_on_a_patched_model_is_refused(comfy, concept):
+    patching, patcher = comfy
+    patched = patching.patch_model(patcher, concept, 0.25)
+    with pytest.raises(Exception, match="already went through a Dual-Path Model Patch"):
+        patching.patch_model(patched, concept, 0.25)
+
+
+def test_calls_without_a_concept_run_comfyuis_own_attention(comfy, backend, concept):
+    """The plain (negative-only or unpatched-conditioning) path is ComfyUI's forward, bit for bit."""
+    patching, patcher = comfy
+    _, _, soft, _ = _inputs(backend, concept)
+    patched = patching.patch_model(patcher, concept, 0.25)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300.0])
+    with torch.no_grad():
+        before = patcher.model.diffusion_model(x, t, context=soft)
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([patched])
+        attention = patched.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2
+        assert isinstance(attention.forward, patching.DualPathAttentionPatch)  # the patch is in place
+        during = patched.model.diffusion_model(x, t, context=soft)  # ...and no concept state is given
+        patched.unpatch_model()
+    assert torch.equal(before, during)

@@ -51,6 +51,10 @@ def server(tmp_path_factory):
     lora = LoRAFactors({"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": torch.randn(4, 8)},
                        {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": torch.randn(8, 4)}, 1.0)
     Concept(torch.randn(768), lora, 2368, "cat</w>", 0.25, "fp", "enc@1").save(concepts / "cat.safetensors")
+    encoders = base / "models" / "datencoder"
+    encoders.mkdir()
+    (encoders / "broken.safetensors").write_bytes(b"not a safetensors file")
+    (encoders / "a_concept.safetensors").write_bytes((concepts / "cat.safetensors").read_bytes())
     port = _free_port()
     log = open(base / "server.log", "w")
     process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -132,3 +136,18 @@ def test_bad_file_names_are_refused_clearly(server, name, message):
     assert message in error["exception_message"] and error["node_type"] == "DATEncoderSaveConcept"
     assert not (base / "models" / "escape.safetensors").exists()
     assert (base / "models" / "datencoder_concepts" / "taken.safetensors").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("encoder_name,message", [
+    ("broken.safetensors", "broken.safetensors: not a readable .safetensors file"),
+    ("a_concept.safetensors", "a_concept.safetensors: expected a 'datencoder.encoder' file, found a "
+                              "'datencoder.concept' file"),
+])
+def test_bad_encoder_files_give_an_error_naming_the_file(server, encoder_name, message):
+    url, _ = server
+    prompt = {"1": {"class_type": "DATEncoderLoader", "inputs": {"encoder_name": encoder_name}},
+              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    result = _run(url, prompt)
+    assert result["status"]["status_str"] == "error"
+    error = next(m[1] for m in result["status"]["messages"] if m[0] == "execution_error")
+    assert message in error["exception_message"] and error["node_type"] == "DATEncoderLoader"
