@@ -88,6 +88,12 @@ class DATEncoderPersonalize(io.ComfyNode):
         return io.NodeOutput(concept, ui=ui.PreviewText(f"nearest word: {concept.token}"))
 
 
+def _concept_file_inputs() -> list:
+    """Inputs of the nodes that write a concept to files: the concept, a plain file name, overwrite."""
+    return [ConceptType.Input("concept"), io.String.Input("name", default="my_concept"),
+            io.Boolean.Input("overwrite", default=False, tooltip="replace an existing file of that name")]
+
+
 class DATEncoderLoadConcept(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -111,8 +117,7 @@ class DATEncoderSaveConcept(io.ComfyNode):
         return io.Schema(
             node_id="DATEncoderSaveConcept", display_name="Save Concept", category="DATEncoder",
             description="Saves a concept to models/datencoder_concepts/<name>.safetensors.",
-            inputs=[ConceptType.Input("concept"), io.String.Input("name", default="my_concept"),
-                    io.Boolean.Input("overwrite", default=False)],
+            inputs=_concept_file_inputs(),
             outputs=[], is_output_node=True,
         )
 
@@ -132,8 +137,7 @@ class DATEncoderExportConcept(io.ComfyNode):
             description="Writes models/loras/<name>.safetensors and models/embeddings/<name>.safetensors for "
                         "any SD1.5 tool (prompt with embedding:<name>). The export has no dual path: it is the "
                         "concept at alpha_blend = 1.",
-            inputs=[ConceptType.Input("concept"), io.String.Input("name", default="my_concept"),
-                    io.Boolean.Input("overwrite", default=False)],
+            inputs=_concept_file_inputs(),
             outputs=[], is_output_node=True,
         )
 
