@@ -8,7 +8,11 @@ CACHE_DIR ?= $(HOME)/.cache/datencoder
 COMFYUI_PATH ?= $(CACHE_DIR)/ComfyUI-0.30.0
 export COMFYUI_PATH
 
-.PHONY: setup test demo benchmark
+# `make comfyui`: ComfyUI's base directory (models/, custom_nodes/, input/, output/) and port.
+COMFYUI_HOME ?= .comfyui
+PORT ?= 8188
+
+.PHONY: setup test demo benchmark comfyui
 
 setup: $(VENV)/.installed $(COMFYUI_PATH)/main.py
 
@@ -38,3 +42,11 @@ demo: $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks.personalize $(BENCHMARK_ARGS)
+
+# Serve the ComfyUI editor with this node pack on 127.0.0.1:$(PORT); models go in $(COMFYUI_HOME)/models/.
+comfyui: setup
+	mkdir -p $(COMFYUI_HOME)/custom_nodes
+	ln -sfn "$(CURDIR)" $(COMFYUI_HOME)/custom_nodes/comfyui-datencoder
+	cd $(COMFYUI_PATH) && exec "$(CURDIR)/$(PY)" main.py --listen 127.0.0.1 --port $(PORT) \
+		--base-directory "$(abspath $(COMFYUI_HOME))" \
+		$$("$(CURDIR)/$(PY)" -c 'import torch; print("" if torch.cuda.is_available() else "--cpu")')

@@ -151,3 +151,30 @@ def test_bad_encoder_files_give_an_error_naming_the_file(server, encoder_name, m
     assert result["status"]["status_str"] == "error"
     error = next(m[1] for m in result["status"]["messages"] if m[0] == "execution_error")
     assert message in error["exception_message"] and error["node_type"] == "DATEncoderLoader"
+
+
+def test_make_comfyui_serves_the_editor_with_the_pack(tmp_path):
+    """The README's `make comfyui`, on another port and base directory, until /object_info answers."""
+    import os
+    import signal
+
+    port = _free_port()
+    process = subprocess.Popen(["make", "--no-print-directory", "comfyui", f"PORT={port}", f"COMFYUI_HOME={tmp_path}"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(240):
+            try:
+                info = _get(f"http://127.0.0.1:{port}/object_info/DATEncoderPersonalize")
+                break
+            except OSError:
+                assert process.poll() is None, "make comfyui exited"
+                time.sleep(0.5)
+        else:
+            pytest.fail("make comfyui did not serve within 120 s")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+            assert b"<html" in page.read().lower()  # the editor (comfyui-frontend-package)
+        assert info["DATEncoderPersonalize"]["display_name"] == "Personalize Concept"
+        assert (tmp_path / "custom_nodes" / "comfyui-datencoder").resolve() == REPO
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
