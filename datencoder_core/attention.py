@@ -44,7 +44,7 @@ def dual_path_attention(
         return _attention(*soft, heads)
     if alpha == 0.0:
         return _attention(*hard, heads)
-    both = _attention(*(torch.cat(pair) for pair in zip(soft, hard)), heads)
+    both = _attention(*(torch.cat(pair) for pair in zip(soft, hard, strict=True)), heads)
     out_soft, out_hard = both.chunk(2)
     return torch.lerp(out_hard, out_soft, alpha)
 

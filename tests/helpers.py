@@ -9,6 +9,6 @@ def state_checksums(*modules):
 
 
 def assert_unchanged(before, modules):
-    for snapshot, module in zip(before, modules):
+    for snapshot, module in zip(before, modules, strict=True):
         for key, value in module.state_dict().items():
             assert torch.equal(snapshot[key], value), f"{type(module).__name__}.{key} changed"

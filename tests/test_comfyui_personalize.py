@@ -50,7 +50,7 @@ def test_personalize_makes_a_concept_and_leaves_inputs_untouched(stack, cat_imag
     assert concept.token_id not in (49406, 49407) and concept.encoder_id == "tiny@test"
     assert any(b.abs().sum() > 0 for b in concept.lora.up.values())
     after = _fingerprints(stack)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert stack[1].object_patches == {}
 
 
@@ -80,7 +80,7 @@ def test_cancel_stops_within_one_step_and_leaves_inputs_untouched(stack, cat_ima
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
     assert steps_done == [1]
-    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack), strict=True))
 
 
 @pytest.mark.parametrize("make", [
@@ -99,7 +99,7 @@ def test_bad_image_is_a_clear_error_and_inputs_stay_untouched(stack):
     before = _fingerprints(stack)
     with pytest.raises(error, match="expected an IMAGE tensor"):
         _personalize(stack, torch.rand(1, 64, 64, 2))
-    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack), strict=True))
 
 
 def test_latents_match_the_reference_backend(stack, backend, cat_image):

@@ -85,7 +85,7 @@ def test_nearest_tokens_is_cosine_top_k_and_skips_excluded():
     g = torch.Generator().manual_seed(4)
     vocab, v_star = torch.randn(100, 8, generator=g), torch.randn(3, 8, generator=g)
     ids = nearest_tokens(v_star, vocab, k=4)
-    for row, v in zip(ids, v_star):
+    for row, v in zip(ids, v_star, strict=True):
         expected = sorted(range(100), key=lambda j: -_cos(v.double(), vocab[j].double()))[:4]
         assert row.tolist() == expected
     excluded = nearest_tokens(v_star, vocab, k=1, exclude=ids[:, 0].tolist())
