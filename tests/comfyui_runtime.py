@@ -1,53 +1,18 @@
-"""The real ComfyUI (``COMFYUI_PATH``, fetched by ``make test``) in this process, on the CPU, and this
-repository loaded into it as a package, the way ComfyUI loads a custom node."""
-
-import importlib.util
-import os
-import sys
-from pathlib import Path
+"""ComfyUI objects for the in-process tests: ComfyUI's own SD1.x model, CLIP, CLIP vision and VAE classes
+with small random weights, or exactly the weights of a diffusers reference model."""
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-PACK = "datencoder_pack"
+from training import comfyui
+from training.comfyui import REPO, import_comfyui, pack_module, seeded_random_init  # noqa: F401
 
 
-def comfyui_path() -> Path:
-    path = Path(os.environ.get("COMFYUI_PATH", ""))
-    if not (path / "main.py").is_file():
-        pytest.fail(f"COMFYUI_PATH={path!s} has no main.py: run the tests with 'make test', which fetches ComfyUI")
-    return path
-
-
-def import_comfyui():
-    """Put ComfyUI first on sys.path (its ``nodes.py`` must win over our ``nodes/``) in CPU mode."""
-    path = str(comfyui_path())
-    if path not in sys.path:
-        sys.path.insert(0, path)
-        sys.modules.pop("nodes", None)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-
-
-def import_pack():
-    """This repository as the package ComfyUI would load from custom_nodes/."""
-    import_comfyui()
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK]
-
-
-def pack_module(name: str):
-    """A submodule of this repository as ComfyUI loads it, e.g. ``pack_module("nodes.patching")``."""
-    import_pack()
-    return importlib.import_module(f"{PACK}.{name}")
+def comfyui_path():
+    try:
+        return comfyui.comfyui_path()
+    except FileNotFoundError as error:
+        pytest.fail(str(error))
 
 
 def comfy_model_from_diffusers(unet):
@@ -75,18 +40,6 @@ def comfy_model_from_diffusers(unet):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def _seeded_init(module, seed: int) -> None:
-    """ComfyUI builds models with uninitialised weights (they are meant to be loaded): norms to the
-    identity, everything else N(0, 0.02), from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "norm" in name:
-                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-
-
 def tiny_comfy_clip(seed: int = 0):
     """ComfyUI's SD1 CLIP (its shipped tokenizer, 49,408 tokens) with a small random text model."""
     import functools
@@ -102,7 +55,7 @@ def tiny_comfy_clip(seed: int = 0):
     small = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=config, return_projected_pooled=False)
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     clip = comfy.sd.CLIP(target, model_options={"clip_l_class": small, "dtype": torch.float32})
-    _seeded_init(clip.cond_stage_model, seed)
+    seeded_random_init(clip.cond_stage_model, seed)
     return clip
 
 
@@ -118,7 +71,7 @@ def tiny_comfy_clip_vision(tmp_path, seed: int = 0):
     path = tmp_path / "clip_vision_tiny.json"
     path.write_text(json.dumps(config))
     clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
-    _seeded_init(clip_vision.model, seed)
+    seeded_random_init(clip_vision.model, seed)
     return clip_vision
 
 

@@ -1,17 +1,18 @@
 """The pack in a real ComfyUI server (main.py --cpu): registration, and prompts through POST /prompt."""
 
 import json
-import socket
+import os
+import re
+import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 import torch
-from comfyui_runtime import REPO, comfyui_path
 
 from datencoder_core import Concept, LoRAFactors
+from training.comfyui import REPO, ComfyUIServer, WorkflowError, free_port
 
 NODES = {
     "DATEncoderLoader": ([], ["DATENCODER"]),
@@ -22,23 +23,6 @@ NODES = {
     "DATEncoderDualPathPatch": (["MODEL", "CONCEPT"], ["MODEL"]),
     "DATEncoderApplyConceptToken": (["CLIP", "CONCEPT"], ["CONDITIONING"]),
 }
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _post(url, payload):
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -55,35 +39,13 @@ def server(tmp_path_factory):
     encoders.mkdir()
     (encoders / "broken.safetensors").write_bytes(b"not a safetensors file")
     (encoders / "a_concept.safetensors").write_bytes((concepts / "cat.safetensors").read_bytes())
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                "--base-directory", str(base)], cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                _get(f"{url}/system_stats")
-                break
-            except OSError:
-                if process.poll() is not None:
-                    break
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not start within 120 s")
-        if process.poll() is not None:
-            pytest.fail("ComfyUI exited:\n" + (base / "server.log").read_text()[-3000:])
-        yield url, base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    with ComfyUIServer(base) as running:
+        yield running
 
 
 def test_all_nodes_register_with_their_types(server):
-    url, base = server
-    info = _get(f"{url}/object_info")
-    log = (base / "server.log").read_text()
+    info = server.get("/object_info")
+    log = server.log_tail(chars=10**6)
     assert "IMPORT FAILED" not in log, log[-3000:]
     for node, (input_types, output_types) in NODES.items():
         assert node in info, f"{node} missing from /object_info"
@@ -95,45 +57,32 @@ def test_all_nodes_register_with_their_types(server):
     assert info["DATEncoderLoadConcept"]["input"]["required"]["concept_name"][1]["options"] == ["cat.safetensors"]
 
 
-def _run(url, prompt, timeout=60):
-    prompt_id = _post(f"{url}/prompt", {"prompt": prompt})["prompt_id"]
-    for _ in range(timeout * 4):
-        history = _get(f"{url}/history/{prompt_id}")
-        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-            return history[prompt_id]
-        time.sleep(0.25)
-    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
-
-
 def test_load_save_and_export_through_the_executor(server):
-    url, base = server
+    base = server.base
     prompt = {
         "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "cat.safetensors"}},
         "2": {"class_type": "DATEncoderSaveConcept", "inputs": {"concept": ["1", 0], "name": "copy", "overwrite": False}},
         "3": {"class_type": "DATEncoderExportConcept", "inputs": {"concept": ["1", 0], "name": "cat", "overwrite": False}},
     }
-    result = _run(url, prompt)
-    assert result["status"]["status_str"] == "success", result["status"]
+    result = server.run(prompt, timeout=60)
     original = Concept.load(base / "models" / "datencoder_concepts" / "cat.safetensors")
     copy = Concept.load(base / "models" / "datencoder_concepts" / "copy.safetensors")
     assert torch.equal(copy.v_star, original.v_star) and copy.token == "cat</w>"
     assert (base / "models" / "loras" / "cat.safetensors").is_file()
     assert (base / "models" / "embeddings" / "cat.safetensors").is_file()
-    assert result["outputs"]["1"]["text"] == ["nearest word: cat</w>"]
+    assert result.history["outputs"]["1"]["text"] == ["nearest word: cat</w>"]
 
 
 @pytest.mark.parametrize("name,message", [("../escape", "without folders"), ("taken", "exists")])
 def test_bad_file_names_are_refused_clearly(server, name, message):
-    url, base = server
+    base = server.base
     prompt = {
         "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "cat.safetensors"}},
         "2": {"class_type": "DATEncoderSaveConcept", "inputs": {"concept": ["1", 0], "name": name, "overwrite": False}},
     }
     (base / "models" / "datencoder_concepts" / "taken.safetensors").write_bytes(b"keep")
-    result = _run(url, prompt)
-    assert result["status"]["status_str"] == "error"
-    error = next(m[1] for m in result["status"]["messages"] if m[0] == "execution_error")
-    assert message in error["exception_message"] and error["node_type"] == "DATEncoderSaveConcept"
+    with pytest.raises(WorkflowError, match=r"node 2 \(DATEncoderSaveConcept\) failed: .*" + re.escape(message)):
+        server.run(prompt, timeout=60)
     assert not (base / "models" / "escape.safetensors").exists()
     assert (base / "models" / "datencoder_concepts" / "taken.safetensors").read_bytes() == b"keep"
 
@@ -144,21 +93,20 @@ def test_bad_file_names_are_refused_clearly(server, name, message):
                               "'datencoder.concept' file"),
 ])
 def test_bad_encoder_files_give_an_error_naming_the_file(server, encoder_name, message):
-    url, _ = server
     prompt = {"1": {"class_type": "DATEncoderLoader", "inputs": {"encoder_name": encoder_name}},
               "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
-    result = _run(url, prompt)
-    assert result["status"]["status_str"] == "error"
-    error = next(m[1] for m in result["status"]["messages"] if m[0] == "execution_error")
-    assert message in error["exception_message"] and error["node_type"] == "DATEncoderLoader"
+    with pytest.raises(WorkflowError, match=r"node 1 \(DATEncoderLoader\) failed: .*" + re.escape(message)):
+        server.run(prompt, timeout=60)
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def test_make_comfyui_serves_the_editor_with_the_pack(tmp_path):
     """The README's `make comfyui`, on another port and base directory, until /object_info answers."""
-    import os
-    import signal
-
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(["make", "--no-print-directory", "comfyui", f"PORT={port}", f"COMFYUI_HOME={tmp_path}"],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
