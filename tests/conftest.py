@@ -28,3 +28,13 @@ def encoder(tiny_models):
 def cat_image():
     """scikit-image's chelsea the cat as a ComfyUI IMAGE: (1, 300, 451, 3) float in [0, 1]."""
     return torch.from_numpy(data.chelsea().astype(np.float32) / 255.0)[None]
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A cache folder holding the demo model set (checkpoint, ViT-H-14, encoder), made once per session."""
+    from training.demo_models import ensure_demo_models
+
+    cache = tmp_path_factory.mktemp("cache")
+    ensure_demo_models(cache)
+    return cache
