@@ -34,11 +34,11 @@ $(COMFYUI_PATH)/main.py: | $(VENV)/.installed
 test: setup
 	$(PY) -m pytest
 
-# The main job: personalize a real photo through the core (diffusers reference backend).
-# Your own weights: make demo SD15=/path/to/sd15-diffusers-folder CLIP_VISION=/path/to/open_clip_model.safetensors ENCODER=/path/to/datencoder_sd15.safetensors
-demo: $(VENV)/.installed
-	$(PY) -m training.demo $(if $(SD15),--sd15 "$(SD15)") $(if $(CLIP_VISION),--clip-vision "$(CLIP_VISION)") \
-		$(if $(ENCODER),--encoder "$(ENCODER)") $(if $(IMAGE),--image "$(IMAGE)")
+# The main job: run workflows/api/personalize_and_generate.json headlessly in ComfyUI, writing to output/demo/.
+# On your files: make demo MODELS=/path/to/ComfyUI/models [IMAGE=/path/to/photo.jpg]
+demo: setup
+	DATENCODER_CACHE="$(CACHE_DIR)" $(PY) -m training.demo $(if $(MODELS),--models "$(MODELS)") \
+		$(if $(IMAGE),--image "$(IMAGE)")
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks.personalize $(BENCHMARK_ARGS)

@@ -99,7 +99,7 @@ class DATEncoderLoadConcept(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DATEncoderLoadConcept", display_name="Load Concept", category="DATEncoder",
-            description="Loads a concept saved by Save Concept (or by python -m training.demo) from "
+            description="Loads a concept saved by Save Concept from "
                         "models/datencoder_concepts/.",
             inputs=[io.Combo.Input("concept_name", options=folder_paths.get_filename_list(paths.CONCEPTS))],
             outputs=[ConceptType.Output()],

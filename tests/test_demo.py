@@ -1,16 +1,44 @@
-"""The main job (``make demo``) on the tiny models: it runs, reports, and writes files that load."""
+"""The main job (``make demo``): the workflow's API twin in a real ComfyUI server on the demo model set."""
 
 import json
 
-from datencoder_core import Concept
+import numpy as np
+import pytest
+from PIL import Image
+
+from datencoder_core import Concept, architecture_fingerprint, load_encoder
+from training import demo_models
 from training.demo import main
 
+QUICK = ["--set", "5.steps=2", "--set", "5.timesteps_per_step=1", "--set", "9.width=256", "--set", "9.height=256",
+         "--set", "10.steps=2"]
 
-def test_demo_writes_concept_export_and_report(tmp_path):
-    report = main(["--output", str(tmp_path), "--steps", "2"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "concept.safetensors", "concept_embedding.safetensors", "concept_lora.safetensors", "report.json"]
-    assert json.loads((tmp_path / "report.json").read_text()) == report
-    assert report["personalization_seconds"] > 0 and report["peak_memory_mib"] > 0
-    concept = Concept.load(tmp_path / "concept.safetensors")
-    assert concept.token == report["nearest_word"] and concept.encoder_id == "random-init"
+
+def test_demo_runs_the_workflow_and_reports(demo_cache, tmp_path):
+    output = tmp_path / "demo"
+    report = main(["--cache", str(demo_cache), "--output", str(output), *QUICK])
+
+    assert json.loads((output / "report.json").read_text()) == report
+    assert len(report["images"]) == 2  # the workflow's batch of 2
+    for path in report["images"]:
+        pixels = np.asarray(Image.open(path))
+        assert pixels.shape == (256, 256, 3) and pixels.std() > 0
+    assert len(report["tuning_losses"]) == 2 and all(np.isfinite(report["tuning_losses"]))
+    assert 0 < report["personalization_seconds"] < report["workflow_seconds"]
+    assert report["peak_memory_mib"] > 1000 and report["device"]  # ViT-H alone is 1.2 GB
+
+    concept = Concept.load(output / "comfyui" / "models" / "datencoder_concepts" / "my_concept.safetensors")
+    encoder, encoder_id = load_encoder(demo_cache / f"demo-models-v{demo_models.VERSION}" / "datencoder" /
+                                       demo_models.ENCODER)
+    assert report["nearest_word"] == concept.token and concept.encoder_id == encoder_id
+    assert concept.base_fingerprint == architecture_fingerprint(encoder.sites, encoder.config.token_dim)
+    assert len(concept.lora.down) == len(encoder.sites) == 42
+
+
+def test_demo_names_missing_model_files(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--models", str(tmp_path), "--output", str(tmp_path / "out")])
+    message = capsys.readouterr().err
+    for expected in ("checkpoints/v1-5-pruned-emaonly.safetensors",
+                     "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "datencoder/datencoder_sd15.safetensors"):
+        assert str(tmp_path / expected) in message

@@ -1,10 +1,17 @@
-"""Personalize one real photo through the core, with the diffusers reference backend.
+"""The main job: run ``workflows/api/personalize_and_generate.json`` headlessly in the real ComfyUI.
 
-    python -m training.demo                      # tiny random models, scikit-image's cat, seconds on a CPU
-    python -m training.demo --sd15 DIR --clip-vision FILE --encoder FILE [--image PHOTO]
+    python -m training.demo                          # the demo model set (random weights, made once)
+    python -m training.demo --models ~/ComfyUI/models [--image my_dog.jpg]
 
-Prints the concept's nearest word, the time and the peak memory; writes the concept, its LoRA +
-embedding export and a JSON report to ``output/demo/``.
+With ``--models``, the workflow runs on your files, under the names it uses:
+``checkpoints/v1-5-pruned-emaonly.safetensors``, ``clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors``
+and ``datencoder/datencoder_sd15.safetensors``. Without it, on the demo model set
+(``training/demo_models.py``). The photo defaults to scikit-image's Chelsea the cat.
+
+Writes to ``--output`` (default ``output/demo/``, replaced on each run): the images, ``report.json``
+(nearest word, personalization seconds, the tuning losses, peak memory), and ``comfyui/``, the ComfyUI
+base directory of the run (its log in ``comfyui/comfyui.log``, the saved concept in
+``comfyui/models/datencoder_concepts/``).
 """
 
 from __future__ import annotations
@@ -12,79 +19,129 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from datencoder_core import TuningConfig, load_encoder, personalize
-from training.measure import Measure
-from training.models import build_random_models, load_user_models
+from training import demo_models
+from training.comfyui import REPO, ComfyUIServer, WorkflowError
 
+WORKFLOW = REPO / "workflows" / "api" / "personalize_and_generate.json"
+# (node type, input) -> (model folder or None, the demo set's value)
+DEMO_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"): ("checkpoints", demo_models.CHECKPOINT),
+               ("CLIPVisionLoader", "clip_name"): ("clip_vision", demo_models.CLIP_VISION),
+               ("DATEncoderLoader", "encoder_name"): ("datencoder", demo_models.ENCODER),
+               ("KSampler", "steps"): (None, 4)}
+PHOTO = "concept_photo.png"  # the LoadImage input of the workflow
 logger = logging.getLogger("datencoder.demo")
 
 
-def load_image(path: str | None) -> torch.Tensor:
-    """A photo as a ComfyUI IMAGE (1, H, W, 3) in [0, 1]; default: scikit-image's chelsea the cat."""
-    if path is None:
+def model_files(prompt: dict) -> dict[str, str]:
+    """The model file each loader of the workflow names, by ComfyUI folder."""
+    return {folder: node["inputs"][name] for node in prompt.values()
+            for (class_type, name), (folder, _) in DEMO_INPUTS.items()
+            if node["class_type"] == class_type and folder is not None}
+
+
+def use_demo_models(prompt: dict) -> None:
+    """Point the workflow's loaders at the demo set, and sample 4 steps instead of 25: its images are
+    noise anyway (personalization keeps the workflow's settings)."""
+    for node in prompt.values():
+        for (class_type, name), (_, value) in DEMO_INPUTS.items():
+            if node["class_type"] == class_type:
+                node["inputs"][name] = value
+
+
+def write_photo(path: Path, source: str | None) -> None:
+    """The concept photo as a PNG that Load Image reads; default: scikit-image's cat."""
+    if source is None:
         from skimage import data
 
-        pixels = data.chelsea()
-    else:
-        pixels = np.asarray(Image.open(path).convert("RGB"))
-    return torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]
+        Image.fromarray(data.chelsea()).save(path)
+        return
+    try:
+        with Image.open(source) as image:
+            (image if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB")).save(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--image {source}: not a readable image ({error})") from None
+
+
+def prepare_base_directory(base: Path, models: Path, photo: str | None) -> None:
+    """ComfyUI's base directory for the run: this pack in ``custom_nodes/``, the photo in ``input/``, and
+    ``models`` added through an extra_model_paths.yaml (saved concepts stay in ``base/models/``)."""
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "comfyui-datencoder").symlink_to(REPO, target_is_directory=True)
+    (base / "input").mkdir()
+    write_photo(base / "input" / PHOTO, photo)
+    folders = "\n".join(f"  {folder}: {folder}/" for folder in ("checkpoints", "clip_vision", "datencoder"))
+    (base / "extra_model_paths.yaml").write_text(f"models:\n  base_path: {models.resolve()}\n{folders}\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sd15", help="diffusers-format SD1.5 folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    parser.add_argument("--clip-vision", help="open_clip ViT-H-14 checkpoint (open_clip_model.safetensors)")
-    parser.add_argument("--encoder", help="DATEncoder weights (datencoder_sd15.safetensors)")
+    parser.add_argument("--models", type=Path, help="your ComfyUI models folder (see above); default: the demo set")
     parser.add_argument("--image", help="the concept photo (default: scikit-image's cat)")
-    parser.add_argument("--steps", type=int, default=TuningConfig.steps)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default="output/demo")
+    parser.add_argument("--output", type=Path, default=Path("output/demo"))
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DATENCODER_CACHE",
+                                                                          "~/.cache/datencoder")).expanduser(),
+                        help="where the demo model set is made once")
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=JSON",
+                        help="override a workflow input, e.g. --set 5.steps=4 (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if bool(args.sd15) != bool(args.clip_vision):
-        parser.error("--sd15 and --clip-vision go together")
-    models = load_user_models(args.sd15, args.clip_vision) if args.sd15 else build_random_models("tiny", args.seed)
-    models.to(args.device)
-    if args.encoder:
-        encoder, encoder_id = load_encoder(args.encoder)
+    prompt = json.loads(WORKFLOW.read_text())
+    if args.models is None:
+        logger.info(f"no --models: using the demo model set (random weights) in {args.cache}")
+        models = demo_models.ensure_demo_models(args.cache)
+        use_demo_models(prompt)
     else:
-        if args.sd15:
-            logger.warning("no --encoder given: using a random encoder, so the concept will not look like the photo")
-        encoder, encoder_id = models.random_encoder(seed=args.seed), "random-init"
-    encoder.to(args.device)
-    backend = models.backend(encoder.lora_config)
-    image = load_image(args.image)
+        models = args.models
+        missing = [f"{models / folder / name}" for folder, name in model_files(prompt).items()
+                   if not (models / folder / name).is_file()]
+        if missing:
+            parser.error("missing model files:\n  " + "\n  ".join(missing))
+    for override in args.set:
+        target, _, value = override.partition("=")
+        node, _, name = target.partition(".")
+        if node not in prompt or name not in prompt[node]["inputs"]:
+            parser.error(f"--set {override}: the workflow has no input {name!r} on node {node!r}")
+        prompt[node]["inputs"][name] = json.loads(value)
 
-    config = TuningConfig(steps=args.steps, seed=args.seed)
-    progress = lambda step, total, loss: logger.info(f"  tuning step {step}/{total}  loss {loss:.4f}")  # noqa: E731
-    with Measure(args.device) as measured:
-        concept = personalize(backend, encoder, encoder_id, image, config, progress=progress)
+    shutil.rmtree(args.output, ignore_errors=True)
+    base = args.output / "comfyui"
+    prepare_base_directory(base, models, args.image)
+    personalize_node = next(k for k, v in prompt.items() if v["class_type"] == "DATEncoderPersonalize")
+    logger.info(f"running {WORKFLOW.relative_to(REPO)} in ComfyUI (log: {base / 'comfyui.log'})")
+    with ComfyUIServer(base, "--output-directory", str(args.output.resolve()),
+                       "--extra-model-paths-config", str((base / "extra_model_paths.yaml").resolve())) as server:
+        try:
+            run = server.run(prompt, on_text=lambda node, text: logger.info(f"  {text}"))
+        except WorkflowError as error:
+            raise SystemExit(f"the workflow failed: {error}\nend of {server.log_path}:\n{server.log_tail()}")
+        peak_rss = server.peak_rss_bytes()
+        device = server.get("/system_stats")["devices"][0]["name"]
 
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    concept.save(output / "concept.safetensors")
-    concept.export(output / "concept_lora.safetensors", output / "concept_embedding.safetensors")
+    outputs = run.history["outputs"]
+    images = [str(args.output / image["subfolder"] / image["filename"])
+              for node in outputs.values() for image in node.get("images", [])]
+    nearest = outputs[personalize_node]["text"][0].removeprefix("nearest word: ")
+    losses = [float(text.rsplit("loss", 1)[1]) for node, text in run.progress_texts
+              if node == personalize_node and "loss" in text]
     report = {
-        "models": "user" if args.sd15 else "tiny random (built in code)",
-        "encoder_id": encoder_id, "device": args.device, "steps": config.steps,
-        "nearest_word": concept.token, "nearest_token_id": concept.token_id,
-        "personalization_seconds": round(measured.seconds, 3),
-        "peak_memory_mib": round(measured.peak_bytes / 2**20, 1), "peak_memory_kind": measured.what,
+        "models": "demo set (random weights)" if args.models is None else str(args.models),
+        "image": args.image or "scikit-image chelsea (cat)", "device": device,
+        "nearest_word": nearest, "personalization_seconds": round(run.node_seconds(personalize_node), 2),
+        "tuning_losses": losses, "workflow_seconds": round(run.finished, 2),
+        "peak_memory_mib": round(peak_rss / 2**20, 1), "peak_memory_kind": "ComfyUI process peak RSS",
+        "images": images,
     }
-    (output / "report.json").write_text(json.dumps(report, indent=2))
-    logger.info(f"nearest word: {concept.token!r} (id {concept.token_id})")
-    logger.info(f"personalization: {measured.seconds:.2f} s, {measured.what} {measured.peak_bytes / 2**20:.0f} MiB "
-                f"on {args.device}")
-    logger.info(f"wrote {output}/concept.safetensors, concept_lora.safetensors, concept_embedding.safetensors, "
-                f"report.json")
+    (args.output / "report.json").write_text(json.dumps(report, indent=2))
+    logger.info(f"nearest word: {nearest!r}; personalization {report['personalization_seconds']} s; "
+                f"workflow {report['workflow_seconds']} s; peak RSS {report['peak_memory_mib']:.0f} MiB on {device}")
+    logger.info("wrote " + ", ".join(images + [str(args.output / "report.json")]))
     return report
 
 

@@ -1,11 +1,9 @@
-"""Build or load the reference model stack: SD1.x UNet + VAE + text encoder, CLIP ViT-H-14 vision tower.
+"""Build the reference model stack: SD1.x UNet + VAE + text encoder, CLIP ViT-H-14 vision tower.
 
-Three sources, one structure:
-* ``tiny``: random weights, SD1.5's structure (4 UNet levels, 16 transformer blocks, 96 LoRA sites) at
-  small widths; seconds on a CPU. Tests and the default demo use it.
-* ``sd15``: random weights at SD1.5 / ViT-H-14 shapes, for the benchmark.
-* the user's files: a diffusers-format SD1.5 folder and open_clip's ViT-H-14 checkpoint.
-Nothing is ever downloaded.
+Two shapes, one structure, random weights (nothing is ever downloaded):
+* ``tiny``: SD1.5's structure (4 UNet levels, 16 transformer blocks, 96 LoRA sites) at small widths;
+  seconds on a CPU. The tests use it.
+* ``sd15``: SD1.5 / ViT-H-14 shapes, for the benchmark.
 """
 
 from __future__ import annotations
@@ -108,24 +106,3 @@ def build_random_models(shapes: str = "tiny", seed: int = 0) -> ReferenceModels:
         raise ValueError(f"shapes must be 'tiny' or 'sd15', got {shapes!r}")
     return ReferenceModels(unet.eval(), vae.eval(), text_encoder, tokenizer, vision_tower.eval(),
                            sd15_alphas_cumprod(), image_size, encoder_config)
-
-
-def load_user_models(sd15_folder: str | Path, clip_vision_file: str | Path) -> ReferenceModels:
-    """The user's real weights: a diffusers-format SD1.5 folder (``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/``, ``scheduler/``) and open_clip's ViT-H-14 checkpoint (``open_clip_model.safetensors``
-    of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."""
-    folder = Path(sd15_folder)
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not (folder / part).is_dir():
-            raise FileNotFoundError(f"{folder}: expected a diffusers SD1.5 folder with '{part}/' in it")
-    if not Path(clip_vision_file).is_file():
-        raise FileNotFoundError(f"{clip_vision_file}: no such file (open_clip ViT-H-14 checkpoint expected)")
-    clip = open_clip.create_model("ViT-H-14", pretrained=str(clip_vision_file))
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    return ReferenceModels(
-        UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval(),
-        AutoencoderKL.from_pretrained(folder, subfolder="vae").eval(),
-        CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval(),
-        CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        clip.visual.eval(), scheduler.alphas_cumprod, 512, EncoderConfig(),
-    )

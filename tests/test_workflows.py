@@ -1,0 +1,104 @@
+"""The example workflows: the UI files are what the editor makes of their API twins under this server's
+/object_info, and the API twins run through POST /prompt on a real ComfyUI server."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datencoder_core import Concept
+from training import demo_models
+from training.comfyui import REPO, ComfyUIServer
+from training.demo import prepare_base_directory, use_demo_models
+
+WORKFLOWS = ["personalize_and_generate", "save_and_reuse_concept"]
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _load(name, api=False):
+    return json.loads((REPO / "workflows" / ("api" if api else "") / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def server(demo_cache, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    prepare_base_directory(base, demo_cache / f"demo-models-v{demo_models.VERSION}", photo=None)
+    with ComfyUIServer(base, "--extra-model-paths-config", str(base / "extra_model_paths.yaml")) as running:
+        yield running
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API prompt of a UI-format workflow, as the editor builds it: linked inputs from ``links``,
+    widget values in the order of the node's inputs in /object_info, skipping the editor's extra
+    widgets (control_after_generate after a seed, the upload button of an image combo)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        info = object_info[node["type"]]
+        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
+        values, inputs = iter(node["widgets_values"]), {}
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                spec = info["input"][section][name]
+                if name in linked:
+                    _, origin, slot, target, _, link_type = linked[name]
+                    assert target == node["id"] and link_type == spec[0], (node["id"], name)
+                    inputs[name] = [str(origin), slot]
+                elif isinstance(spec[0], list) or spec[0] in WIDGET_TYPES:
+                    inputs[name] = next(values)
+                    options = spec[1] if len(spec) > 1 else {}
+                    for extra in ("control_after_generate", "image_upload"):
+                        if options.get(extra):
+                            next(values)
+        assert next(values, None) is None, f"node {node['id']} ({node['type']}): more widget values than inputs"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_is_its_api_twin_under_object_info(server, name):
+    object_info = server.get("/object_info")
+    workflow = _load(name)
+    assert {node["type"] for node in workflow["nodes"]} <= set(object_info)
+    for node in workflow["nodes"]:  # outputs as /object_info declares them, listing exactly their links
+        info = object_info[node["type"]]
+        assert [(o["name"], o["type"]) for o in node["outputs"]] == list(zip(info["output_name"], info["output"]))
+        for slot, output in enumerate(node["outputs"]):
+            assert sorted(output["links"]) == sorted(link[0] for link in workflow["links"]
+                                                     if link[1] == node["id"] and link[2] == slot)
+    assert ui_to_api(workflow, object_info) == _load(name, api=True)
+
+
+def _quick(prompt: dict) -> dict:
+    """The twin on the demo set at test cost: 2 tuning steps of 1 timestep, 2 sampling steps, 256 px."""
+    use_demo_models(prompt)
+    for node in prompt.values():
+        settings = {"DATEncoderPersonalize": {"steps": 2, "timesteps_per_step": 1}, "KSampler": {"steps": 2},
+                    "EmptyLatentImage": {"width": 256, "height": 256}}.get(node["class_type"], {})
+        node["inputs"].update(settings)
+    return prompt
+
+
+def _images(base, run):
+    return [np.asarray(Image.open(base / "output" / image["subfolder"] / image["filename"]))
+            for node in run.history["outputs"].values() for image in node.get("images", [])]
+
+
+def test_api_workflows_personalize_save_then_reuse_and_export(server):
+    base = server.base
+    texts = []
+    first = server.run(_quick(_load("personalize_and_generate", api=True)), on_text=lambda n, t: texts.append((n, t)))
+    images = _images(base, first)
+    assert len(images) == 2 and all(i.shape == (256, 256, 3) for i in images)
+    assert [t.split("  loss")[0] for n, t in texts if n == "5"] == ["step 1/2", "step 2/2"]  # the loss, live
+    nearest = first.history["outputs"]["5"]["text"][0]
+    saved = Concept.load(base / "models" / "datencoder_concepts" / "my_concept.safetensors")
+    assert nearest == f"nearest word: {saved.token}"
+
+    second = server.run(_quick(_load("save_and_reuse_concept", api=True)))
+    images = _images(base, second)
+    assert len(images) == 2 and all(i.shape == (256, 256, 3) for i in images)
+    assert second.history["outputs"]["2"]["text"][0] == nearest
+    assert (base / "models" / "loras" / "my_concept.safetensors").is_file()
+    assert (base / "models" / "embeddings" / "my_concept.safetensors").is_file()
