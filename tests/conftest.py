@@ -31,10 +31,8 @@ def cat_image():
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory):
-    """A cache folder holding the demo model set (checkpoint, ViT-H-14, encoder), made once per session."""
+def demo_models_folder(tmp_path_factory):
+    """The demo model set (checkpoint, ViT-H-14, encoder) in a cache folder, made once per session."""
     from training.demo_models import ensure_demo_models
 
-    cache = tmp_path_factory.mktemp("cache")
-    ensure_demo_models(cache)
-    return cache
+    return ensure_demo_models(tmp_path_factory.mktemp("cache"))

@@ -14,9 +14,9 @@ QUICK = ["--set", "5.steps=2", "--set", "5.timesteps_per_step=1", "--set", "9.wi
          "--set", "10.steps=2"]
 
 
-def test_demo_runs_the_workflow_and_reports(demo_cache, tmp_path):
+def test_demo_runs_the_workflow_and_reports(demo_models_folder, tmp_path):
     output = tmp_path / "demo"
-    report = main(["--cache", str(demo_cache), "--output", str(output), *QUICK])
+    report = main(["--cache", str(demo_models_folder.parent), "--output", str(output), *QUICK])
 
     assert json.loads((output / "report.json").read_text()) == report
     assert len(report["images"]) == 2  # the workflow's batch of 2
@@ -28,8 +28,7 @@ def test_demo_runs_the_workflow_and_reports(demo_cache, tmp_path):
     assert report["peak_memory_mib"] > 1000 and report["device"]  # ViT-H alone is 1.2 GB
 
     concept = Concept.load(output / "comfyui" / "models" / "datencoder_concepts" / "my_concept.safetensors")
-    encoder, encoder_id = load_encoder(demo_cache / f"demo-models-v{demo_models.VERSION}" / "datencoder" /
-                                       demo_models.ENCODER)
+    encoder, encoder_id = load_encoder(demo_models_folder / "datencoder" / demo_models.ENCODER)
     assert report["nearest_word"] == concept.token and concept.encoder_id == encoder_id
     assert concept.base_fingerprint == architecture_fingerprint(encoder.sites, encoder.config.token_dim)
     assert len(concept.lora.down) == len(encoder.sites) == 42

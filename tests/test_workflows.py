@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from datencoder_core import Concept
-from training import demo_models
 from training.comfyui import REPO, ComfyUIServer
 from training.demo import prepare_base_directory, use_demo_models
 
@@ -21,9 +20,9 @@ def _load(name, api=False):
 
 
 @pytest.fixture(scope="module")
-def server(demo_cache, tmp_path_factory):
+def server(demo_models_folder, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
-    prepare_base_directory(base, demo_cache / f"demo-models-v{demo_models.VERSION}", photo=None)
+    prepare_base_directory(base, demo_models_folder, photo=None)
     with ComfyUIServer(base, "--extra-model-paths-config", str(base / "extra_model_paths.yaml")) as running:
         yield running
 

@@ -1,5 +1,6 @@
-"""The real ComfyUI (``COMFYUI_PATH``; ``make setup`` fetches 0.30.0) in this process, and this repository
-loaded into it as a package, the way ComfyUI loads a custom node."""
+"""The real ComfyUI (``COMFYUI_PATH``; ``make setup`` fetches 0.30.0), two ways: as a library in this
+process, with this repository loaded into it as a package the way ComfyUI loads a custom node; and as
+a server (``ComfyUIServer``) that runs API-format prompts."""
 
 from __future__ import annotations
 
@@ -33,16 +34,16 @@ def comfyui_path() -> Path:
     return path
 
 
-def import_comfyui(cpu: bool = True) -> None:
-    """Put ComfyUI first on ``sys.path`` (its ``nodes.py`` must win over our ``nodes/``); ``cpu`` is
-    ComfyUI's ``--cpu``."""
+def import_comfyui() -> None:
+    """Put ComfyUI first on ``sys.path`` (its ``nodes.py`` must win over our ``nodes/``), in CPU mode
+    (ComfyUI's ``--cpu``)."""
     path = str(comfyui_path())
     if path not in sys.path:
         sys.path.insert(0, path)
         sys.modules.pop("nodes", None)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = cpu
+    comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401
 
 
@@ -109,9 +110,11 @@ class ComfyUIServer:
     (``custom_nodes/``, ``input/``, ``models/``, ...) and its log in ``base_directory/comfyui.log``.
     GPU when there is one, else ``--cpu``."""
 
-    def __init__(self, base_directory: Path, *extra_args: str, startup_seconds: float = 180):
+    STARTUP_SECONDS = 180
+
+    def __init__(self, base_directory: Path, *extra_args: str):
         self.base = Path(base_directory)
-        self.extra_args, self.startup_seconds = extra_args, startup_seconds
+        self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self.url = ""
 
@@ -125,7 +128,7 @@ class ComfyUIServer:
                 [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
                  str(self.base.resolve()), "--database-url", "sqlite:///:memory:", *device, *self.extra_args],
                 cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.startup_seconds
+        deadline = time.monotonic() + self.STARTUP_SECONDS
         while True:
             try:
                 self.get("/system_stats")
