@@ -59,16 +59,16 @@ class DualPathState:
 
 
 def dual_path_forward(attn, x: Tensor, context: Tensor | None, state: DualPathState | None,
-                      sites: dict[str, str]) -> Tensor:
+                      sites: dict[str, str], is_cross: bool) -> Tensor:
     """One attention module's forward with Eq. 5, for any host module with ``to_q``, ``to_k``, ``to_v``,
     ``to_out`` (linear + dropout) and ``heads``: diffusers' ``Attention`` and ComfyUI's ``CrossAttention``.
 
-    ``x`` is (N, T, C); ``context`` (N, S, D), or None for self-attention. ``sites`` maps a projection
-    ("to_q", "to_k", "to_v") to its canonical site name in ``state.lora``. Without a ``state`` it is
-    plain attention.
+    ``x`` is (N, T, C). ``context`` (N, S, D) is the text for cross-attention (``is_cross``), whose hard
+    path uses ``state.hard_context`` instead; for self-attention it is None (keys from ``x``) or what a
+    host patch passes in its place, used by both paths. ``sites`` maps a projection ("to_q", "to_k",
+    "to_v") to its canonical site name in ``state.lora``. Without a ``state`` it is plain attention.
     """
-    is_cross = context is not None
-    context = context if is_cross else x
+    context = x if context is None else context
     if state is None:
         out = _attention(attn.to_q(x), attn.to_k(context), attn.to_v(context), attn.heads)
         return attn.to_out[1](attn.to_out[0](out))
@@ -84,8 +84,8 @@ def dual_path_forward(attn, x: Tensor, context: Tensor | None, state: DualPathSt
         v_soft, v_hard = attn.to_v(both).chunk(2)
         k_soft, v_soft = soft("to_k", context, k_soft), soft("to_v", context, v_soft)
     else:
-        k_hard, v_hard = attn.to_k(x), attn.to_v(x)
-        k_soft, v_soft = soft("to_k", x, k_hard), soft("to_v", x, v_hard)
+        k_hard, v_hard = attn.to_k(context), attn.to_v(context)
+        k_soft, v_soft = soft("to_k", context, k_hard), soft("to_v", context, v_hard)
     out = dual_path_attention((soft("to_q", x, q_base), k_soft, v_soft), (q_base, k_hard, v_hard), attn.heads,
                               state.alpha)
     return attn.to_out[1](attn.to_out[0](out))
@@ -105,7 +105,8 @@ class DualPathAttnProcessor:
                  datencoder: DualPathState | None = None):
         if attention_mask is not None or hidden_states.ndim != 3:
             raise DATEncoderError("DualPathAttnProcessor supports SD1.x attention only: 3-D input, no mask")
-        return dual_path_forward(attn, hidden_states, encoder_hidden_states, datencoder, self.sites)
+        return dual_path_forward(attn, hidden_states, encoder_hidden_states, datencoder, self.sites,
+                                 attn.is_cross_attention)
 
 
 def sites_by_attention(sites: tuple[LoRASite, ...]) -> dict[str, dict[str, str]]:

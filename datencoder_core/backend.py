@@ -12,6 +12,7 @@ from typing import Protocol
 from torch import Tensor
 
 from .attention import DualPathState
+from .prompts import PromptIds
 from .sites import LoRASite
 
 
@@ -29,9 +30,13 @@ class PersonalizationBackend(Protocol):
         """The encoder's inputs (see ``encoder.py``): CLIP tokens (B, 1 + g*g, C) before the final
         LayerNorm, and the UNet mid-block output (B, C', h, w) on ``noisy_latents`` with an empty prompt."""
 
-    def encode_prompt(self, prompt: str, token_id: int, embedding: Tensor | None = None) -> Tensor:
-        """Text context (1, S, D) of ``prompt``, whose ``{}`` slot holds the one token ``token_id``, or,
-        when ``embedding`` (D,) is given, that soft embedding (differentiable) in the slot's place."""
+    def prompt_ids(self, template: str) -> PromptIds:
+        """``template`` tokenized once, by ``prompts.prompt_ids`` with this backend's tokenizer."""
+
+    def encode_prompt(self, prompt: str | PromptIds, token_id: int, embedding: Tensor | None = None) -> Tensor:
+        """Text context (1, S, D) of ``prompt`` (a template, or its ``prompt_ids``), whose slot holds the
+        one token ``token_id``, or, when ``embedding`` (D,) is given, that soft embedding
+        (differentiable) in the slot's place."""
 
     def decode_token(self, token_id: int) -> str:
         """The vocabulary string of a token id."""

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from .attention import DualPathState, dual_path_processors
 from .config import LoRAConfig
-from .errors import DATEncoderError
 from .images import clip_preprocess, vae_preprocess
+from .prompts import PromptIds, TokenizerSpec, prompt_ids
 from .sites import discover_sites
 
 
@@ -57,7 +57,7 @@ class DiffusersReferenceBackend:
         mid block) with the empty prompt and no processors' state, i.e. the base UNet."""
         unet = self.unet
         if self._empty_context is None:
-            self._empty_context = self._encode_ids(self._prompt_ids("", None)[0])
+            self._empty_context = self._encode_ids(list(self.prompt_ids("").ids))
         context = self._empty_context.expand(noisy_latents.shape[0], -1, -1)
         emb = unet.time_embedding(unet.get_time_embed(sample=noisy_latents, timestep=timesteps))
         h = unet.conv_in(noisy_latents)
@@ -68,22 +68,15 @@ class DiffusersReferenceBackend:
                 h, _ = block(h, temb=emb)
         return unet.mid_block(h, emb, encoder_hidden_states=context)
 
-    def _prompt_ids(self, prompt: str, token_id: int | None) -> tuple[Tensor, int]:
-        """Token ids (1, 77) of ``prompt`` with its ``{}`` slot as ``token_id``, and the slot's position."""
+    def prompt_ids(self, template: str) -> PromptIds:
         tok = self.tokenizer
-        before, _, after = prompt.partition("{}")
-        ids_before = tok(before.strip(), add_special_tokens=False).input_ids
-        ids_after = tok(after.strip(), add_special_tokens=False).input_ids
-        slot = [token_id] if token_id is not None else []
-        ids = [tok.bos_token_id, *ids_before, *slot, *ids_after, tok.eos_token_id]
-        length = self.text_encoder.config.max_position_embeddings
-        if len(ids) > length:
-            raise DATEncoderError(f"prompt {prompt!r} is {len(ids)} tokens long; the text encoder takes {length}")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids += [pad] * (length - len(ids))
-        return torch.tensor([ids], device=self.device), 1 + len(ids_before)
+        spec = TokenizerSpec(lambda text: tok(text, add_special_tokens=False).input_ids, tok.bos_token_id,
+                             tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                             self.text_encoder.config.max_position_embeddings)
+        return prompt_ids(template, spec)
 
-    def _encode_ids(self, ids: Tensor, slot: int | None = None, embedding: Tensor | None = None) -> Tensor:
+    def _encode_ids(self, ids: list[int], slot: int | None = None, embedding: Tensor | None = None) -> Tensor:
+        ids = torch.tensor([ids], device=self.device)
         if embedding is None:
             return self.text_encoder(ids).last_hidden_state
         table = self.text_encoder.get_input_embeddings()
@@ -99,9 +92,9 @@ class DiffusersReferenceBackend:
         finally:
             hook.remove()
 
-    def encode_prompt(self, prompt: str, token_id: int, embedding: Tensor | None = None) -> Tensor:
-        ids, slot = self._prompt_ids(prompt, token_id)
-        return self._encode_ids(ids, slot, embedding)
+    def encode_prompt(self, prompt: str | PromptIds, token_id: int, embedding: Tensor | None = None) -> Tensor:
+        prompt = self.prompt_ids(prompt) if isinstance(prompt, str) else prompt
+        return self._encode_ids(prompt.with_token(token_id), prompt.slot, embedding)
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.convert_ids_to_tokens(token_id)

@@ -71,6 +71,7 @@ def personalize(backend: PersonalizationBackend, encoder: DATEncoder, encoder_id
     for tensor in lora.parameters():
         tensor.requires_grad_(True)
     optimizer = torch.optim.AdamW([v_star, *lora.parameters()], lr=config.lr, weight_decay=0.0)
+    prompt = backend.prompt_ids(config.prompt)  # tokenized once; each step only fills the slot
     hard_contexts: dict[int, Tensor] = {}
     batch, device = config.timesteps_per_step, latents.device
     for step in range(config.steps):
@@ -79,8 +80,8 @@ def personalize(backend: PersonalizationBackend, encoder: DATEncoder, encoder_id
         token_id = _nearest_token(backend, v_star)
         if token_id not in hard_contexts:
             with torch.no_grad():
-                hard_contexts[token_id] = backend.encode_prompt(config.prompt, token_id)
-        context = backend.encode_prompt(config.prompt, token_id, v_star)
+                hard_contexts[token_id] = backend.encode_prompt(prompt, token_id)
+        context = backend.encode_prompt(prompt, token_id, v_star)
         rows = torch.randint(latents.shape[0], (batch,), generator=generator)
         timesteps = torch.randint(len(backend.alphas_cumprod), (batch,), generator=generator).to(device)
         noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(latents)

@@ -1,20 +1,25 @@
 """The ComfyUI backend of ``datencoder_core.backend.PersonalizationBackend``, for tuning inside ComfyUI.
 
-ComfyUI runs nodes under ``torch.inference_mode()`` and loads weights as inference tensors, which
-autograd refuses to save for backward; its CLIP layers also add residuals in place (after LayerNorm
-has saved the tensor). So, built under ``torch.inference_mode(False)``, the backend takes private,
-frozen copies of the UNet and of the CLIP-L text model (the input MODEL and CLIP are never touched):
-* the UNet copy gets the same ``DualPathAttentionPatch`` per attention module as sampling does;
-* the text copy runs an out-of-place forward of ComfyUI's own layers (embeddings, causal encoder,
-  final LayerNorm: SD1.x's last layer), so the gradient reaches the soft token.
+No second copy of any model: the UNet and the CLIP-L text model are the ones ComfyUI loaded, moved
+and offloaded by ``comfy.model_management`` (``load_models_gpu(..., force_full_load=True)``, as
+ComfyUI's own trainer loads), together with the encoder's ModelPatcher.
+* ComfyUI loads weights as inference tensors, which autograd refuses to save for backward. Tuning
+  runs its forwards under ``datencoder_core.frozen.frozen_weights``: linear, conv and norm ops keep a
+  reference to their frozen weight and save only activations, so the gradient reaches v*, A and B
+  without copying a weight (a deep copy would double the UNet's memory behind ComfyUI's back).
+* The UNet runs through a ModelPatcher clone whose attention modules carry the same
+  ``DualPathAttentionPatch`` as sampling (``patching.with_dual_path_attention``).
+* ComfyUI's CLIP layers add residuals in place (after LayerNorm has saved the tensor), so the text
+  model runs an out-of-place forward of ComfyUI's own layers (embeddings, causal layers up to the CLIP
+  skip that CLIPSetLastLayer set, final LayerNorm), and the gradient reaches the soft token.
 The VAE and the CLIP vision model are used through ComfyUI's APIs, without gradients.
 """
 
 from __future__ import annotations
 
-import copy
-
 import comfy.model_management
+import comfy.model_sampling
+import comfy.supported_models
 import torch
 from comfy.ldm.modules.attention import optimized_attention_for_device
 from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
@@ -22,98 +27,138 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
 from ..datencoder_core import DATEncoderError, DualPathState
-from ..datencoder_core.attention import sites_by_attention
+from ..datencoder_core.frozen import frozen_weights
 from ..datencoder_core.images import vae_preprocess
-from .conditioning import placeholder_ids, replace_placeholder
-from .patching import STATE_KEY, DualPathAttentionPatch, comfy_sites
+from ..datencoder_core.prompts import PromptIds, TokenizerSpec, prompt_ids
+from .patching import STATE_KEY, with_dual_path_attention
 
-SLOT = "S*"  # the tuning prompt's placeholder, replaced by one token
+
+def check_sd1(model, clip) -> None:
+    """Refuse, naming what was found, a MODEL or CLIP that is not SD1.x (before anything is loaded)."""
+    config = model.model.model_config
+    if not isinstance(config, comfy.supported_models.SD15):
+        raise DATEncoderError(f"this MODEL is {type(config).__name__}; DATEncoder works with SD1.x checkpoints "
+                              f"(e.g. v1-5-pruned-emaonly.safetensors)")
+    encoders = sorted(clip.tokenize(""))
+    if encoders != ["l"]:
+        raise DATEncoderError(f"this CLIP has the text encoders {encoders} (an SDXL-style CLIP has ['g', 'l']); "
+                              f"DATEncoder needs an SD1.x CLIP (one CLIP-L): use the CLIP of the SD1.x checkpoint")
+
+
+def eps_alphas_cumprod(model) -> Tensor:
+    """The discrete training schedule abar_t (1000,) of an eps-prediction model, from its
+    ``model_sampling`` object (which ModelSamplingDiscrete nodes may have replaced)."""
+    sampling = model.get_model_object("model_sampling")
+    # The prediction type is how the sampler reads the model output: EPS's calculate_denoised, not an override.
+    if type(sampling).calculate_denoised is not comfy.model_sampling.EPS.calculate_denoised or not hasattr(
+            sampling, "sigmas"):
+        raise DATEncoderError(f"this MODEL samples as {type(sampling).__name__}; DATEncoder is trained for "
+                              f"eps-prediction SD1.x (discrete schedule): remove the ModelSampling node or use "
+                              f"an eps checkpoint")
+    return 1.0 / (1.0 + sampling.sigmas.float() ** 2)
 
 
 class ComfyUIBackend:
-    def __init__(self, model, clip, vae, clip_vision, image_size: int = 512):
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("build ComfyUIBackend under torch.inference_mode(False)")
-        self.vae, self.clip_vision, self.clip, self.image_size = vae, clip_vision, clip, image_size
-        self.model = model.model
-        self.device = model.load_device
-        self.dtype = self.model.manual_cast_dtype or self.model.get_dtype()
-        comfy.model_management.load_models_gpu([model])
-        self.sites, comfy_path = comfy_sites(model)
-        self.unet = copy.deepcopy(self.model.diffusion_model).to(self.device).requires_grad_(False)
-        for projections in sites_by_attention(self.sites).values():
-            path = comfy_path[next(iter(projections.values()))].rsplit(".", 1)[0]
-            module = self.unet.get_submodule(path)
-            module.forward = DualPathAttentionPatch(module, projections)
-        sigmas = self.model.model_sampling.sigmas.float().to(self.device)
-        self.alphas_cumprod = 1.0 / (1.0 + sigmas**2)
+    """Tuning on the MODEL and CLIP ComfyUI loaded; ``extra_models`` (the encoder's ModelPatcher) are
+    loaded with them."""
 
-        clip_l = getattr(clip.cond_stage_model, "clip_l", None)
-        if clip_l is None:
-            raise DATEncoderError("Personalize Concept needs an SD1.x CLIP (one CLIP-L text encoder)")
-        self.text_model = copy.deepcopy(clip_l.transformer.text_model).to(self.device).requires_grad_(False)
-        self.token_embeddings = self.text_model.embeddings.token_embedding.weight
-        tokenizer = clip.tokenizer.clip_l
-        self.special_token_ids = (tokenizer.start_token, tokenizer.end_token)
-        self._inv_vocab = tokenizer.inv_vocab
-        self._empty_context = self._encode_ids(self._ids("", None)[0])
+    def __init__(self, model, clip, vae, clip_vision, image_size: int = 512, extra_models=()):
+        check_sd1(model, clip)
+        self.vae, self.clip_vision, self.clip, self.image_size = vae, clip_vision, clip, image_size
+        self.patcher, self.sites = with_dual_path_attention(model)
+        self.models = [self.patcher, clip.patcher, *extra_models]
+        self.device = model.load_device
+        self.dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+        self.alphas_cumprod = eps_alphas_cumprod(model).to(self.device)
+
+        self.text_model = clip.cond_stage_model.clip_l.transformer.text_model
+        empty = [int(t) for t, *_ in clip.tokenize("")["l"][0]]  # start, end, padding
+        self._tokenizer = TokenizerSpec(self._tokenize, empty[0], empty[1], empty[2], len(empty))
+        self.special_token_ids = (empty[0], empty[1])
+        self._inv_vocab = clip.tokenizer.clip_l.inv_vocab
+        self._layers = self._text_layers(clip.layer_idx, len(self.text_model.encoder.layers))
+        self._empty_context: Tensor | None = None
+
+    @staticmethod
+    def _text_layers(layer_idx: int | None, count: int) -> int:
+        """How many text layers run: all, or up to CLIPSetLastLayer's ``layer_idx`` (-1 = last, -2 = the
+        one before, ...), as ComfyUI's SDClipModel reads it."""
+        if layer_idx is None or abs(layer_idx) > count:
+            return count
+        return (count + layer_idx if layer_idx < 0 else layer_idx) + 1
+
+    def _load(self) -> None:
+        comfy.model_management.load_models_gpu(self.models, force_full_load=True)
+
+    @property
+    def token_embeddings(self) -> Tensor:
+        return self.text_model.embeddings.token_embedding.weight
+
+    def _tokenize(self, text: str) -> list[int]:
+        [chunk] = self.clip.tokenize(text)["l"]
+        ids = [int(t) for t, *_ in chunk]
+        return ids[1:ids.index(self._tokenizer.end, 1)]
 
     @torch.no_grad()
     def encode_latents(self, images: Tensor) -> Tensor:
         pixels = (vae_preprocess(images, self.image_size).movedim(1, -1) + 1.0) / 2.0  # (B, H, W, 3) in [0, 1]
-        latents = self.model.process_latent_in(self.vae.encode(pixels))
+        latents = self.patcher.model.process_latent_in(self.vae.encode(pixels))
         return latents.clone().to(self.device, torch.float32)
 
     @torch.no_grad()
     def image_features(self, images: Tensor, noisy_latents: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         tokens = self.clip_vision.encode_image(images)["last_hidden_state"].clone().to(self.device)
-        unet = self.unet
+        self._load()  # after CLIP vision, which may have offloaded them; tuning follows with them loaded
+        unet = self.patcher.model.diffusion_model
         emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(self.dtype))
-        context = self._empty_context.expand(noisy_latents.shape[0], -1, -1).to(self.dtype)
+        context = self._empty().expand(noisy_latents.shape[0], -1, -1).to(self.dtype)
         h, options = noisy_latents.to(self.dtype), {}
         for module in unet.input_blocks:
             h = forward_timestep_embed(module, h, emb, context, options)
         return tokens, forward_timestep_embed(unet.middle_block, h, emb, context, options).float()
 
-    def _ids(self, prompt: str, token_id: int | None) -> tuple[list[int], int]:
-        """Ids (77) of ``prompt`` with its ``{}`` slot as ``token_id`` (or no slot), and the slot's index."""
-        text = prompt.replace("{}", SLOT) if token_id is not None else prompt
-        tokens = self.clip.tokenize(text)
-        if token_id is not None:
-            tokens, _ = replace_placeholder(tokens, placeholder_ids(self.clip, SLOT), token_id)
-        chunks = tokens["l"]
-        if len(chunks) != 1:
-            raise DATEncoderError(f"the tuning prompt {prompt!r} is longer than one 77-token chunk")
-        ids = [int(t) for t, *_ in chunks[0]]
-        return ids, ids.index(token_id) if token_id is not None else -1
+    def _empty(self) -> Tensor:
+        if self._empty_context is None:
+            with torch.no_grad():
+                self._empty_context = self._encode_ids(list(self.prompt_ids("").ids))
+        return self._empty_context
 
-    def _encode_ids(self, ids: list[int], slot: int = -1, embedding: Tensor | None = None) -> Tensor:
-        """SD1.x text context (1, 77, D) in float32; out-of-place, so ``embedding`` gets a gradient."""
+    def prompt_ids(self, template: str) -> PromptIds:
+        return prompt_ids(template, self._tokenizer)
+
+    def _encode_ids(self, ids: list[int], slot: int | None = None, embedding: Tensor | None = None) -> Tensor:
+        """SD1.x text context (1, 77, D) in float32 on the UNet's device; out-of-place, so ``embedding``
+        gets a gradient."""
+        self._load()
         text = self.text_model
-        ids_tensor = torch.tensor([ids], device=self.device)
-        x = text.embeddings.token_embedding.weight[ids_tensor].float()
+        table = text.embeddings.token_embedding.weight
+        x = table[torch.tensor([ids], device=table.device)].float()
         if embedding is not None:
             mask = torch.zeros(x.shape[1], 1, dtype=torch.bool, device=x.device)
             mask[slot] = True
-            x = torch.where(mask, embedding.float(), x)
-        x = x + text.embeddings.position_embedding.weight.float()
+            x = torch.where(mask, embedding.to(x.device, x.dtype), x)
+        x = x + text.embeddings.position_embedding.weight.to(x.device, x.dtype)
         causal = torch.full((x.shape[1], x.shape[1]), -torch.finfo(x.dtype).max, device=x.device).triu_(1)
         attention = optimized_attention_for_device(x.device, mask=True, small_input=True)
-        for layer in text.encoder.layers:
-            x = x + layer.self_attn(layer.layer_norm1(x), causal, attention)
-            x = x + layer.mlp(layer.layer_norm2(x))
-        return text.final_layer_norm(x)
+        with frozen_weights():
+            for layer in text.encoder.layers[:self._layers]:
+                x = x + layer.self_attn(layer.layer_norm1(x), causal, attention)
+                x = x + layer.mlp(layer.layer_norm2(x))
+            return text.final_layer_norm(x).to(self.device)
 
-    def encode_prompt(self, prompt: str, token_id: int, embedding: Tensor | None = None) -> Tensor:
-        ids, slot = self._ids(prompt, token_id)
-        return self._encode_ids(ids, slot, embedding)
+    def encode_prompt(self, prompt: str | PromptIds, token_id: int, embedding: Tensor | None = None) -> Tensor:
+        prompt = self.prompt_ids(prompt) if isinstance(prompt, str) else prompt
+        return self._encode_ids(prompt.with_token(token_id), prompt.slot, embedding)
 
     def decode_token(self, token_id: int) -> str:
         return self._inv_vocab[token_id]
 
     def predict_noise(self, noisy_latents: Tensor, timesteps: Tensor, context: Tensor,
                       dual_path: DualPathState) -> Tensor:
+        self._load()
         state = DualPathState(dual_path.lora, dual_path.alpha, dual_path.hard_context.to(self.dtype))
-        out = self.unet(noisy_latents.to(self.dtype), timesteps.float(), context=context.to(self.dtype),
-                        transformer_options={STATE_KEY: state})
+        with frozen_weights():
+            out = self.patcher.model.diffusion_model(noisy_latents.to(self.dtype), timesteps.float(),
+                                                     context=context.to(self.dtype),
+                                                     transformer_options={STATE_KEY: state})
         return out.float()

@@ -3,29 +3,48 @@
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
-
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
-from ..datencoder_core import Concept, DATEncoder, TuningConfig, load_encoder, personalize
+from ..datencoder_core import (Concept, DATEncoder, DATEncoderError, TuningConfig, architecture_fingerprint,
+                               load_encoder, personalize)
 from . import paths
-from .backend import ComfyUIBackend
+from .backend import ComfyUIBackend, check_sd1
 from .conditioning import encode_with_concept
-from .patching import patch_model
+from .patching import comfy_sites, patch_model
 
 ConceptType = io.Custom("CONCEPT")
 EncoderType = io.Custom("DATENCODER")
 logger = logging.getLogger("datencoder")
 
 
-class LoadedEncoder(NamedTuple):
-    encoder: DATEncoder
-    encoder_id: str
+class LoadedEncoder:
+    """DATENCODER: the encoder in a ModelPatcher, so that ComfyUI's model management moves it to the
+    GPU with the models it runs beside and offloads it after; ``encoder_id`` names its weights."""
+
+    def __init__(self, encoder: DATEncoder, encoder_id: str):
+        self.encoder_id = encoder_id
+        self.patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=comfy.model_management.get_torch_device(),
+                                                        offload_device=comfy.model_management.unet_offload_device())
+
+    @property
+    def encoder(self) -> DATEncoder:
+        return self.patcher.model
+
+    def check_base_model(self, model) -> None:
+        """Refuse an encoder made for another base model than ``model``, naming both."""
+        sites, _ = comfy_sites(model)
+        expected = architecture_fingerprint(sites, model.model.model_config.unet_config["context_dim"])
+        found = architecture_fingerprint(self.encoder.sites, self.encoder.config.token_dim)
+        if found != expected:
+            raise DATEncoderError(f"the encoder {self.encoder_id} was made for another base model (fingerprint "
+                                  f"{found}) than this MODEL (fingerprint {expected}, {len(sites)} LoRA sites); "
+                                  f"use the SD1.x checkpoint it was trained for, or an encoder trained for this one")
 
 
 class DATEncoderLoader(io.ComfyNode):
@@ -79,10 +98,12 @@ class DATEncoderPersonalize(io.ComfyNode):
 
                 PromptServer.instance.send_progress_text(f"step {step}/{total}  loss {loss:.4f}", node_id)
 
+        check_sd1(model, clip)
+        datencoder.check_base_model(model)
         with torch.inference_mode(False), torch.enable_grad():
-            backend = ComfyUIBackend(model, clip, vae, clip_vision)
-            encoder = datencoder.encoder.to(backend.device)
-            concept = personalize(backend, encoder, datencoder.encoder_id, image, config, progress=progress,
+            backend = ComfyUIBackend(model, clip, vae, clip_vision, extra_models=[datencoder.patcher])
+            concept = personalize(backend, datencoder.encoder, datencoder.encoder_id, image, config,
+                                  progress=progress,
                                   interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         logger.info("DATEncoder: concept ready, nearest word %r", concept.token)
         return io.NodeOutput(concept, ui=ui.PreviewText(f"nearest word: {concept.token}"))

@@ -26,22 +26,27 @@ def concept(backend):
 
 
 def _comfy_noise_prediction(patcher, cond, latents, timesteps, uncond=None):
-    """eps from ComfyUI's own sampling internals (cond encoding, batching, model wrapper), for VP-scaled
+    """eps from ComfyUI's own sampling path (what CFGGuider.sample does before its sampler runs:
+    wrappers into the model options, prepare_sampling, process_conds, calc_cond_batch), for VP-scaled
     latents at integer timesteps, so it compares with the diffusers UNet."""
-    import comfy.model_management
+    import comfy.model_patcher
     import comfy.sampler_helpers
     import comfy.samplers
 
-    comfy.model_management.load_models_gpu([patcher])
-    patcher.pre_run()
     sigma = patcher.model.model_sampling.sigmas[timesteps]
     x = latents * (sigma**2 + 1).sqrt()[:, None, None, None]
-    groups = [comfy.sampler_helpers.convert_cond(c) for c in (cond, uncond) if c is not None]
-    groups = [comfy.samplers.encode_model_conds(patcher.model.extra_conds, g, x, x.device, "positive") for g in groups]
+    conds = {name: comfy.sampler_helpers.convert_cond(c) for name, c in (("positive", cond), ("negative", uncond))
+             if c is not None}
+    options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    comfy.sampler_helpers.prepare_model_patcher(patcher, conds, options)
+    model, conds, loaded = comfy.sampler_helpers.prepare_sampling(patcher, x.shape, conds, options)
+    patcher.pre_run()
     try:
-        outputs = comfy.samplers.calc_cond_batch(patcher.model, groups, x, sigma, patcher.model_options)
+        conds = comfy.samplers.process_conds(model, x, conds, x.device)
+        outputs = comfy.samplers.calc_cond_batch(model, list(conds.values()), x, sigma, options)
     finally:
         patcher.cleanup()
+        comfy.sampler_helpers.cleanup_models(conds, loaded)
     return [(x - out) / sigma[:, None, None, None] for out in outputs]
 
 
