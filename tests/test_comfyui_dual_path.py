@@ -180,3 +180,105 @@ def test_calls_without_a_concept_run_comfyuis_own_attention(comfy, backend, conc
         during = patched.model.diffusion_model(x, t, context=soft)  # ...and no concept state is given
         patched.unpatch_model()
     assert torch.equal(before, during)
+
+
+def _ksampler_unet_calls(model, positive, negative, steps=2, batch=1):
+    """Sample with ComfyUI's KSampler (euler, CFG 5) and record the batch size of every UNet call."""
+    import nodes as comfy_nodes
+
+    calls = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    try:
+        (out,) = comfy_nodes.common_ksampler(model, 5, steps, 5.0, "euler", "normal", positive, negative,
+                                             {"samples": torch.zeros(batch, 4, 16, 16)})
+    finally:
+        hook.remove()
+    return out["samples"], calls
+
+
+def test_cfg_runs_one_batched_unet_call_per_step(comfy, backend, concept):
+    """Concept positive + plain negative, CFG 5: one UNet call of batch 2 per step, and the same samples
+    as when ComfyUI cannot batch them (an extra model cond on the positive alone splits every step)."""
+    from comfy.conds import CONDConstant
+
+    patching, patcher = comfy
+    _, _, soft, hard = _inputs(backend, concept)
+    negative = [[backend.encode_prompt("blurry {}", 5), {}]]
+    patched = patching.patch_model(patcher, concept, 0.25)
+    batched, calls = _ksampler_unet_calls(patched, [[soft, {patching.HARD_CONTEXT_KEY: hard}]], negative)
+    assert calls == [2, 2]
+    unbatchable = [[soft, {patching.HARD_CONTEXT_KEY: hard, "model_conds": {"split": CONDConstant(1)}}]]
+    separate, separate_calls = _ksampler_unet_calls(patched, unbatchable, negative)
+    assert separate_calls == [1] * 4
+    assert (batched - separate).abs().max() <= 1e-5 * batched.abs().max()  # float32 rounding of another batch size
+    plain, plain_calls = _ksampler_unet_calls(patcher, [[soft, {}]], negative)
+    assert plain_calls == [2, 2] and not torch.allclose(plain, batched, atol=1e-3)
+
+
+def test_attn2_replace_of_another_pack_is_refused(comfy, backend, concept):
+    """IPAdapter-style attn2_replace would bypass the dual path: refused when patching and when sampling."""
+    patching, patcher = comfy
+    core = pack_module("datencoder_core")
+    _, _, soft, hard = _inputs(backend, concept)
+
+    from comfy.ldm.modules.attention import optimized_attention
+
+    def replace(q, k, v, extra_options):  # plain attention on base projections, as replace patches see them
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    before = patcher.clone()
+    before.set_model_attn2_replace(replace, "input", 4)
+    with pytest.raises(core.DATEncoderError, match="attn2_replace patches from another node .* 1 cross-attention"):
+        patching.patch_model(before, concept, 0.25)
+    after = patching.patch_model(patcher, concept, 0.25)
+    after.set_model_attn2_replace(replace, "input", 4)
+    with pytest.raises(core.DATEncoderError, match="attn2_replace patches from another node"):
+        _ksampler_unet_calls(after, [[soft, {patching.HARD_CONTEXT_KEY: hard}]], [[soft, {}]], steps=1)
+
+
+def test_attention_input_patches_of_another_pack_work_together(comfy, backend, concept):
+    """attn1_patch / attn2_patch run before the dual path and pass the context as the value: an identity
+    patch changes nothing; one that edits the queries' input takes effect, the dual path still on."""
+    patching, patcher = comfy
+    latents, t, soft, hard = _inputs(backend, concept)
+    cond = [[soft, {patching.HARD_CONTEXT_KEY: hard}]]
+    patched = patching.patch_model(patcher, concept, 0.25)
+    with torch.no_grad():
+        [alone] = _comfy_noise_prediction(patched, cond, latents, t)
+        results = {}
+        for name, patch in {"identity": lambda n, c, v, _: (n, c, v), "scaled": lambda n, c, v, _: (n * 1.5, c, v)}.items():
+            with_patches = patched.clone()
+            with_patches.set_model_attn1_patch(patch)
+            with_patches.set_model_attn2_patch(patch)
+            [results[name]] = _comfy_noise_prediction(with_patches, cond, latents, t)
+            plain = patcher.clone()
+            plain.set_model_attn1_patch(patch)
+            plain.set_model_attn2_patch(patch)
+            [results[f"{name} without concept"]] = _comfy_noise_prediction(plain, cond, latents, t)
+    assert torch.equal(results["identity"], alone)
+    assert not torch.allclose(results["scaled"], alone, atol=1e-3)
+    assert not torch.allclose(results["scaled"], results["scaled without concept"], atol=1e-3)
+
+
+def test_a_separate_value_from_another_patch_is_refused(comfy, backend, concept):
+    patching, patcher = comfy
+    core = pack_module("datencoder_core")
+    latents, t, soft, hard = _inputs(backend, concept)
+    patched = patching.patch_model(patcher, concept, 0.25)
+    patched.set_model_attn2_patch(lambda n, c, v, _: (n, c, v * 2.0))
+    with pytest.raises(core.DATEncoderError, match="separate value or a mask"):
+        with torch.no_grad():
+            _comfy_noise_prediction(patched, [[soft, {patching.HARD_CONTEXT_KEY: hard}]], latents, t)
+
+
+def test_a_conditioning_changed_after_apply_concept_token_is_refused(comfy, backend, concept):
+    import nodes as comfy_nodes
+
+    patching, patcher = comfy
+    core = pack_module("datencoder_core")
+    latents, t, soft, hard = _inputs(backend, concept)
+    (concatenated,) = comfy_nodes.ConditioningConcat().concat([[soft, {patching.HARD_CONTEXT_KEY: hard}]],
+                                                             [[backend.encode_prompt("a forest {}", 9), {}]])
+    with pytest.raises(core.DATEncoderError, match="was changed afterwards .* ConditioningConcat"):
+        with torch.no_grad():
+            _comfy_noise_prediction(patching.patch_model(patcher, concept, 0.25), concatenated, latents, t)
