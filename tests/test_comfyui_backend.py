@@ -81,3 +81,43 @@ def test_prompts_and_tokens_match_the_reference(backends):
                               atol=1e-5)
     assert comfy.decode_token(2368) == reference.decode_token(2368) == "cat</w>"
     assert set(comfy.special_token_ids) == set(reference.special_token_ids)
+
+
+def test_the_slot_is_the_templates_even_when_the_nearest_word_is_in_the_prompt(backends):
+    """v* near "photo", the template "a photo of {}": both backends put v* in the slot (position 4), not
+    on the prompt's own "photo"; the causal text model leaves the positions before the slot untouched,
+    and only the slot's position depends on v*."""
+    reference, comfy = backends
+    photo = reference.tokenizer("photo", add_special_tokens=False).input_ids[0]
+    v = reference.token_embeddings[photo] + 0.01 * torch.randn(32, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(32, generator=torch.Generator().manual_seed(1))  # sums of LayerNorm outputs are constant
+    contexts = []
+    for backend in backends:
+        prompt = backend.prompt_ids(PROMPT)
+        assert prompt.slot == 4 and prompt.ids[2] == photo
+        v_star = v.clone().requires_grad_(True)
+        with torch.inference_mode(False):
+            soft = backend.encode_prompt(prompt, photo, v_star)[0]
+            hard = backend.encode_prompt(prompt, photo)[0]
+            (before_slot,) = torch.autograd.grad((soft[:4] @ probe).sum(), v_star, retain_graph=True)
+            (at_slot,) = torch.autograd.grad(soft[4] @ probe, v_star)
+        assert torch.allclose(soft[:4], hard[:4], atol=1e-6) and not torch.allclose(soft[4], hard[4], atol=1e-4)
+        assert torch.equal(before_slot, torch.zeros_like(v)) and at_slot.abs().sum() > 0
+        contexts.append(soft.detach())
+    assert torch.allclose(contexts[0], contexts[1], atol=1e-5)
+
+
+def test_tuning_honours_clip_skip(backends):
+    """With CLIPSetLastLayer's -2 the tuning text context is ComfyUI's own encoding at that layer."""
+    _, comfy = backends
+    cat = 2368  # "cat</w>": the prompt "a photo of cat" has it in the slot
+    for layer in (None, -2):
+        clip = comfy.clip.clone()
+        if layer is not None:
+            clip.clip_layer(layer)
+        with torch.inference_mode(False):
+            ours = type(comfy)(comfy.patcher, clip, vae=None, clip_vision=None).encode_prompt(PROMPT, cat)
+        with torch.no_grad():
+            theirs = clip.encode_from_tokens(clip.tokenize("a photo of cat"))
+        assert torch.allclose(ours, theirs, atol=1e-5), (layer, (ours - theirs).abs().max())
+    assert not torch.allclose(comfy.encode_prompt(PROMPT, cat), ours, atol=1e-3)  # the layer matters
