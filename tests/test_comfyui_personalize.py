@@ -109,3 +109,52 @@ def test_latents_match_the_reference_backend(stack, backend, cat_image):
         comfy_backend = pack_module("nodes.backend").ComfyUIBackend(patcher, clip, vae, clip_vision, image_size=128)
         ours = comfy_backend.encode_latents(cat_image)
     assert torch.allclose(ours, backend.encode_latents(cat_image), atol=1e-5)
+
+
+def _nothing_loaded_since(loaded_before):
+    import comfy.model_management
+
+    return [m.model for m in comfy.model_management.current_loaded_models] == loaded_before
+
+
+def test_a_v_prediction_model_is_refused(stack, cat_image):
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    nodes, patcher, *_ = stack
+    (v_model,) = ModelSamplingDiscrete().patch(patcher, "v_prediction", False)
+    with pytest.raises(pack_module("datencoder_core").DATEncoderError, match="samples as .* eps-prediction"):
+        with torch.inference_mode():
+            nodes.DATEncoderPersonalize.execute(v_model, *stack[2:], cat_image, 1, 2e-3, 0.25, 1, 0)
+
+
+def test_an_sdxl_clip_is_refused_before_anything_is_loaded(stack, cat_image):
+    """SDXL's CLIP has a CLIP-L too; its tokenizer (two encoders) gives it away."""
+    import comfy.model_management
+    import comfy.sdxl_clip
+
+    nodes, patcher, clip, vae, clip_vision, encoder = stack
+    sdxl_clip = clip.clone()
+    sdxl_clip.tokenizer = comfy.sdxl_clip.SDXLTokenizer(embedding_directory=None, tokenizer_data={})
+    loaded = [m.model for m in comfy.model_management.current_loaded_models]
+    with pytest.raises(pack_module("datencoder_core").DATEncoderError, match=r"text encoders \['g', 'l'\].*SDXL"):
+        with torch.inference_mode():
+            nodes.DATEncoderPersonalize.execute(patcher, sdxl_clip, vae, clip_vision, encoder, cat_image, 1, 2e-3,
+                                                0.25, 1, 0)
+    assert _nothing_loaded_since(loaded)
+
+
+def test_an_encoder_for_another_base_model_is_refused_first(stack, tiny_models, cat_image):
+    import comfy.model_management
+
+    nodes, patcher, clip, vae, clip_vision, _ = stack
+    core = pack_module("datencoder_core")
+    lora_config = core.LoRAConfig(targets=("attn2.to_k", "attn2.to_v"))
+    sites = core.discover_sites(tiny_models.unet.named_modules(), lora_config.targets)
+    other = nodes.LoadedEncoder(core.DATEncoder(core.EncoderConfig(**TINY_ENCODER.to_dict()), lora_config, sites),
+                                "other@test")
+    loaded = [m.model for m in comfy.model_management.current_loaded_models]
+    with pytest.raises(core.DATEncoderError, match=r"encoder other@test was made for another base model "
+                                                   r"\(fingerprint \w+\) than this MODEL \(fingerprint \w+, 96 LoRA"):
+        with torch.inference_mode():
+            nodes.DATEncoderPersonalize.execute(patcher, clip, vae, clip_vision, other, cat_image, 1, 2e-3, 0.25, 1, 0)
+    assert _nothing_loaded_since(loaded)
