@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from comfyui_runtime import comfy_model_from_diffusers, comfyui_path, pack_module, tiny_comfy_clip
+from training.comfyui import comfyui_path, pack_module
+from training.comfy_models import comfy_model_from_diffusers, random_comfy_clip
 from transformers import CLIPTokenizer
 
 from datencoder_core import DualPathState, LoRAFactors, diffusion_loss
@@ -25,7 +26,7 @@ def backends():
     models = dataclasses.replace(build_random_models("tiny", seed=0), text_encoder=text_encoder, tokenizer=tokenizer)
     with torch.inference_mode():
         patcher = comfy_model_from_diffusers(models.unet)
-        clip = tiny_comfy_clip()
+        clip = random_comfy_clip()
         state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
         missing, unexpected = clip.load_sd(state)
     assert set(missing) <= {"text_projection.weight"} and not unexpected, (missing, unexpected)

@@ -2,14 +2,15 @@
 
 import pytest
 import torch
-from comfyui_runtime import pack_module, tiny_comfy_clip
+from training.comfyui import pack_module
+from training.comfy_models import random_comfy_clip
 
 from datencoder_core import LoRAFactors
 
 
 @pytest.fixture(scope="module")
 def clip():
-    return tiny_comfy_clip()
+    return random_comfy_clip()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from comfyui_runtime import comfy_model_from_diffusers, pack_module
+from training.comfyui import pack_module
+from training.comfy_models import comfy_model_from_diffusers
 
 from datencoder_core import Concept, DualPathState, LoRAFactors, architecture_fingerprint
 
@@ -246,7 +247,8 @@ def test_attention_input_patches_of_another_pack_work_together(comfy, backend, c
     with torch.no_grad():
         [alone] = _comfy_noise_prediction(patched, cond, latents, t)
         results = {}
-        for name, patch in {"identity": lambda n, c, v, _: (n, c, v), "scaled": lambda n, c, v, _: (n * 1.5, c, v)}.items():
+        patches = {"identity": lambda n, c, v, _: (n, c, v), "scaled": lambda n, c, v, _: (n * 1.5, c, v)}
+        for name, patch in patches.items():
             with_patches = patched.clone()
             with_patches.set_model_attn1_patch(patch)
             with_patches.set_model_attn2_patch(patch)

@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
-from comfyui_runtime import comfy_model_from_diffusers, comfy_vae_from_diffusers, pack_module, tiny_comfy_clip, \
-    tiny_comfy_clip_vision
 from diffusers import UNet2DConditionModel
 
+from training.comfy_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
+                                   random_comfy_clip_vision)
+from training.comfyui import pack_module
 from training.measure import LiveTensorBytes
 from training.models import TINY_ENCODER
 
@@ -25,8 +26,8 @@ def wide(tiny_models, tmp_path_factory):
                                 sample_size=16).eval()
     with torch.inference_mode():
         patcher = comfy_model_from_diffusers(unet)
-        clip, vae = tiny_comfy_clip(), comfy_vae_from_diffusers(tiny_models.vae)
-        clip_vision = tiny_comfy_clip_vision(tmp_path_factory.mktemp("clip_vision"))
+        clip, vae = random_comfy_clip(), comfy_vae_from_diffusers(tiny_models.vae)
+        clip_vision = random_comfy_clip_vision(tmp_path_factory.mktemp("clip_vision"))
     del unet
     sites, _ = pack_module("nodes.patching").comfy_sites(patcher)
     config = core.EncoderConfig(**{**TINY_ENCODER.to_dict(), "unet_dim": WIDTH})

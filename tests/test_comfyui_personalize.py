@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from comfyui_runtime import (comfy_model_from_diffusers, comfy_vae_from_diffusers, pack_module, tiny_comfy_clip,
-                             tiny_comfy_clip_vision)
+from training.comfyui import pack_module
+from training.comfy_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
+                                   random_comfy_clip_vision)
 
 from training.models import TINY_ENCODER
 
@@ -14,8 +15,8 @@ def stack(tiny_models, tmp_path_factory):
     core = pack_module("datencoder_core")
     with torch.inference_mode():  # as ComfyUI's loaders run
         patcher = comfy_model_from_diffusers(tiny_models.unet)
-        clip = tiny_comfy_clip()
-        clip_vision = tiny_comfy_clip_vision(tmp_path_factory.mktemp("clip_vision"))
+        clip = random_comfy_clip()
+        clip_vision = random_comfy_clip_vision(tmp_path_factory.mktemp("clip_vision"))
         vae = comfy_vae_from_diffusers(tiny_models.vae)
     torch.manual_seed(0)
     sites = core.discover_sites(tiny_models.unet.named_modules(), core.LoRAConfig().targets)

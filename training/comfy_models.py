@@ -1,21 +1,13 @@
-"""ComfyUI objects for the in-process tests: ComfyUI's own SD1.x model, CLIP, CLIP vision and VAE classes
-with small random weights, or exactly the weights of a diffusers reference model."""
+"""ComfyUI objects for in-process tests and benchmarks: ComfyUI's own SD1.x model, CLIP, CLIP vision and
+VAE classes with random weights (small, or at the full shapes), or exactly the weights of a diffusers
+reference model."""
 
-import pytest
 import torch
 
-from training import comfyui
-from training.comfyui import REPO, import_comfyui, pack_module, seeded_random_init  # noqa: F401
+from training.comfyui import comfyui_path, import_comfyui, seeded_random_init
 
 
-def comfyui_path():
-    try:
-        return comfyui.comfyui_path()
-    except FileNotFoundError as error:
-        pytest.fail(str(error))
-
-
-def comfy_model_from_diffusers(unet):
+def comfy_model_from_diffusers(unet, load_device: torch.device = torch.device("cpu")):
     """A ComfyUI SD1.5 ``ModelPatcher`` with exactly the weights of a diffusers UNet, through ComfyUI's
     own key map and config detection (its checkpoint loader only accepts full-width SD1.5)."""
     import_comfyui()
@@ -37,11 +29,12 @@ def comfy_model_from_diffusers(unet):
     config = comfy.supported_models.SD15(comfy.model_detection.detect_unet_config(converted, ""))
     model = config.get_model({})
     model.diffusion_model.load_state_dict(converted, strict=True)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=torch.device("cpu"))
 
 
-def tiny_comfy_clip(seed: int = 0):
-    """ComfyUI's SD1 CLIP (its shipped tokenizer, 49,408 tokens) with a small random text model."""
+def random_comfy_clip(seed: int = 0, full_size: bool = False):
+    """ComfyUI's SD1 CLIP (its shipped tokenizer, 49,408 tokens) with a small random text model, or
+    SD1.5's CLIP-L shapes with ``full_size``."""
     import functools
     import json
 
@@ -51,7 +44,8 @@ def tiny_comfy_clip(seed: int = 0):
     import comfy.supported_models_base
 
     config = json.loads((comfyui_path() / "comfy" / "sd1_clip_config.json").read_text())
-    config.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    if not full_size:
+        config.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     small = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=config, return_projected_pooled=False)
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     clip = comfy.sd.CLIP(target, model_options={"clip_l_class": small, "dtype": torch.float32})
@@ -59,15 +53,18 @@ def tiny_comfy_clip(seed: int = 0):
     return clip
 
 
-def tiny_comfy_clip_vision(tmp_path, seed: int = 0):
-    """ComfyUI's CLIP vision model (ViT-H-14 layout, 224 px, 16x16 patches) at width 32, random weights."""
+def random_comfy_clip_vision(tmp_path, seed: int = 0, full_size: bool = False):
+    """ComfyUI's CLIP vision model (ViT-H-14 layout, 224 px, 16x16 patches) at width 32, or at
+    ViT-H-14's shapes with ``full_size``, random weights."""
     import json
 
     import_comfyui()
     import comfy.clip_vision
 
     config = json.loads((comfyui_path() / "comfy" / "clip_vision_config_h.json").read_text())
-    config.update(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2, projection_dim=32)
+    if not full_size:
+        config.update(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2,
+                      projection_dim=32)
     path = tmp_path / "clip_vision_tiny.json"
     path.write_text(json.dumps(config))
     clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
