@@ -6,7 +6,7 @@ import pytest
 import torch
 from comfyui_runtime import comfy_model_from_diffusers, pack_module
 
-from datencoder_core import Concept, DualPathState, LoRAFactors, architecture_fingerprint
+from datencoder_core import Concept, DualPathState, LoRAConfig, LoRAFactors, TuningConfig, architecture_fingerprint
 
 PROMPT = "a photo of {} in the snow"
 
@@ -21,8 +21,8 @@ def concept(backend):
     g = torch.Generator().manual_seed(7)
     lora = LoRAFactors({s.name: torch.randn(4, s.in_features, generator=g) * 0.1 for s in backend.sites},
                        {s.name: torch.randn(s.out_features, 4, generator=g) * 0.1 for s in backend.sites}, 1.0)
-    return Concept(torch.randn(32, generator=g) * 0.5, lora, 70, "f</w>", 0.25,
-                   architecture_fingerprint(backend.sites, 32), "enc@test")
+    return Concept(torch.randn(32, generator=g) * 0.5, lora, 70, "f</w>", architecture_fingerprint(backend.sites, 32),
+                   "enc@test", TuningConfig(), LoRAConfig().targets)
 
 
 def _comfy_noise_prediction(patcher, cond, latents, timesteps, uncond=None):
