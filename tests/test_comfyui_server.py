@@ -94,10 +94,12 @@ def test_load_concept_reads_a_concept_overwritten_by_save_concept(server):
 
     serve_mine = {  # ComfyUI keeps cached outputs of the nodes of the last prompt: all three prompts have these
         "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "mine.safetensors"}},
-        "2": {"class_type": "DATEncoderSaveConcept", "inputs": {"concept": ["1", 0], "name": "served", "overwrite": True}}}
+        "2": {"class_type": "DATEncoderSaveConcept",
+              "inputs": {"concept": ["1", 0], "name": "served", "overwrite": True}}}
     overwrite_mine = {
         "3": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "dog.safetensors"}},
-        "4": {"class_type": "DATEncoderSaveConcept", "inputs": {"concept": ["3", 0], "name": "mine", "overwrite": True}}}
+        "4": {"class_type": "DATEncoderSaveConcept",
+              "inputs": {"concept": ["3", 0], "name": "mine", "overwrite": True}}}
 
     first = server.run(serve_mine, timeout=60)
     assert first.history["outputs"]["1"]["text"][0].startswith("nearest word: cat</w>\n")

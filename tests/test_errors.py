@@ -18,7 +18,8 @@ def concept_file(backend, tmp_path):
     lora = LoRAFactors({s.name: torch.randn(4, s.in_features, generator=g) for s in backend.sites},
                        {s.name: torch.randn(s.out_features, 4, generator=g) for s in backend.sites}, 1.0)
     path = tmp_path / "cat.safetensors"
-    Concept(torch.randn(32), lora, 70, "f</w>", "tinyfingerprint0", "enc@1", TuningConfig(), LoRAConfig().targets).save(path)
+    Concept(torch.randn(32), lora, 70, "f</w>", "tinyfingerprint0", "enc@1", TuningConfig(),
+            LoRAConfig().targets).save(path)
     return path
 
 
