@@ -141,7 +141,8 @@ def test_comfyui_conditioning_nodes_keep_working(comfy, backend, concept):
 def test_concept_for_another_model_is_refused(comfy, concept):
     patching, patcher = comfy
     foreign = dataclasses.replace(concept, base_fingerprint="0123456789abcdef")
-    with pytest.raises(Exception, match="made for another base model .*fingerprint 0123456789abcdef"):
+    with pytest.raises(pack_module("datencoder_core").DATEncoderError,
+                       match="made for another base model .*fingerprint 0123456789abcdef"):
         patching.patch_model(patcher, foreign, 0.25)
 
 
@@ -154,7 +155,8 @@ def test_fingerprint_agrees_with_the_reference_backend(comfy, backend):
 def test_a_second_concept_on_a_patched_model_is_refused(comfy, concept):
     patching, patcher = comfy
     patched = patching.patch_model(patcher, concept, 0.25)
-    with pytest.raises(Exception, match="already went through a Dual-Path Model Patch"):
+    with pytest.raises(pack_module("datencoder_core").DATEncoderError,
+                       match="already went through a Dual-Path Model Patch"):
         patching.patch_model(patched, concept, 0.25)
 
 
