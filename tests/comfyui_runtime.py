@@ -40,8 +40,10 @@ def comfy_model_from_diffusers(unet):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def tiny_comfy_clip(seed: int = 0):
-    """ComfyUI's SD1 CLIP (its shipped tokenizer, 49,408 tokens) with a small random text model."""
+def tiny_comfy_clip(seed: int = 0, embedding_directory=None):
+    """ComfyUI's SD1 CLIP (its shipped tokenizer, 49,408 tokens) with a small random text model; prompts
+    may name embeddings (``embedding:<name>``) in ``embedding_directory``, as the checkpoint loader's CLIP
+    does with ``models/embeddings``."""
     import functools
     import json
 
@@ -54,7 +56,8 @@ def tiny_comfy_clip(seed: int = 0):
     config.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     small = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=config, return_projected_pooled=False)
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(target, model_options={"clip_l_class": small, "dtype": torch.float32})
+    clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory,
+                         model_options={"clip_l_class": small, "dtype": torch.float32})
     seeded_random_init(clip.cond_stage_model, seed)
     return clip
 
@@ -87,3 +90,24 @@ def comfy_vae_from_diffusers(vae):
                 "num_res_blocks": vae.config.layers_per_block, "attn_resolutions": [], "dropout": 0.0}
     return comfy.sd.VAE(sd=vae.state_dict(), config={"params": {"embed_dim": vae.config.latent_channels,
                                                                 "ddconfig": ddconfig}})
+
+
+def comfy_noise_prediction(patcher, conds, latents, timesteps):
+    """eps of ``patcher`` for each conditioning in ``conds`` (ComfyUI CONDITIONING lists), through ComfyUI's
+    own sampling internals (cond encoding, batching, model wrapper, patch loading), for VP-scaled latents
+    at integer timesteps, so it compares with a diffusers UNet."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    comfy.model_management.load_models_gpu([patcher])
+    patcher.pre_run()
+    sigma = patcher.model.model_sampling.sigmas[timesteps]
+    x = latents * (sigma**2 + 1).sqrt()[:, None, None, None]
+    groups = [comfy.samplers.encode_model_conds(patcher.model.extra_conds, comfy.sampler_helpers.convert_cond(c), x,
+                                                x.device, "positive") for c in conds]
+    try:
+        outputs = comfy.samplers.calc_cond_batch(patcher.model, groups, x, sigma, patcher.model_options)
+    finally:
+        patcher.cleanup()
+    return [(x - out) / sigma[:, None, None, None] for out in outputs]
