@@ -12,7 +12,7 @@ export COMFYUI_PATH
 COMFYUI_HOME ?= .comfyui
 PORT ?= 8188
 
-.PHONY: setup test demo benchmark comfyui
+.PHONY: setup test demo benchmark benchmark-comfyui comfyui
 
 setup: $(VENV)/.installed $(COMFYUI_PATH)/main.py
 
@@ -42,6 +42,9 @@ demo: setup
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks.personalize $(BENCHMARK_ARGS)
+
+benchmark-comfyui: setup
+	$(PY) -m benchmarks.comfyui $(BENCHMARK_ARGS)
 
 # Serve the ComfyUI editor with this node pack on 127.0.0.1:$(PORT); models go in $(COMFYUI_HOME)/models/.
 comfyui: setup

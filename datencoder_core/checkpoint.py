@@ -2,7 +2,9 @@
 
 Every file the project writes has ``format`` and ``format_version`` in its header, so a reader can
 say precisely what a wrong file is. Writes go to a temporary file that replaces the target only
-when complete, so a failure never leaves a half-written file.
+when complete, so a failure never leaves a half-written file; files that belong together (an
+exported LoRA and its embedding) are written all or none. Files get the mode ``open()`` gives (0644
+under the usual umask 022), as ComfyUI's own outputs do.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .config import EncoderConfig, LoRAConfig
@@ -25,17 +28,66 @@ ENCODER_FORMAT = "datencoder.encoder"
 ENCODER_FORMAT_VERSION = 1
 
 
+FileContents = tuple[dict[str, Tensor], str | os.PathLike, dict[str, str]]  # (tensors, path, metadata)
+
+
 def atomic_save(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` to a temporary sibling, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write one safetensors file atomically (see ``atomic_save_all``)."""
+    atomic_save_all([(tensors, path, metadata)])
+
+
+def atomic_save_all(files: Sequence[FileContents]) -> None:
+    """Write several safetensors files as one: afterwards all of them are in place, or none changed.
+
+    Each file is first written in full to a temporary sibling (``.<name>.<pid>.tmp``) with ``open()``'s
+    default mode; only then are they moved onto their paths, one ``os.replace`` each. A file being
+    replaced is moved aside first (``.<name>.<pid>.old``), so if a later move fails, the files already
+    moved are taken back out and the replaced ones restored. Raises ``DATEncoderError`` naming the
+    file that could not be written; no temporary file remains either way.
+    """
+    staged: list[tuple[Path, Path]] = []  # (temporary file, target)
+    moved: list[tuple[Path, Path | None]] = []  # (target, its previous content moved aside, or None)
+    path = None
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        for tensors, path, metadata in files:
+            path = Path(path)
+            tmp = _sibling(path, "tmp")
+            staged.append((tmp, path))
+            data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            old = _sibling(path, "old") if path.is_file() else None
+            if old is not None:
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old is not None:
+                    os.replace(old, path)
+                raise
+            moved.append((path, old))
     except OSError as error:
-        raise DATEncoderError(f"{path}: could not write the file ({error.strerror or error})") from None
+        for done, old in reversed(moved):
+            if old is not None:
+                os.replace(old, done)
+            else:
+                done.unlink()
+        moved.clear()
+        unchanged = " (no file was changed)" if len(staged) > 1 else ""
+        raise DATEncoderError(f"{path}: could not write the file ({error.strerror or error}){unchanged}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for _, old in moved:
+            if old is not None:
+                old.unlink()
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
 
 
 def read_safetensors(path: str | os.PathLike, expected_format: str,

@@ -2,32 +2,44 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_save, check_fingerprint, read_safetensors
+from .checkpoint import atomic_save, atomic_save_all, check_fingerprint, read_safetensors
+from .config import TuningConfig
 from .errors import DATEncoderError
 from .lora import LoRAFactors
+from .sites import site_target
 
 CONCEPT_FORMAT = "datencoder.concept"
-CONCEPT_FORMAT_VERSION = 1
+# 2: provenance (the tuning settings and the LoRA targets) instead of alpha_blend, which nothing read.
+# Version 1 files still load, with ``tuning`` None.
+CONCEPT_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
 class Concept:
     """What personalization produces (DESIGN.md): v*, its nearest real token, A/B per canonical site,
-    the blend a of Eq. 5, and where it came from (base-model fingerprint, encoder id)."""
+    and where it came from: base-model fingerprint, encoder id, the tuning settings and the encoder's
+    LoRA targets (every site is one of them).
+
+    The blend a of Eq. 5 is not part of the concept: it is chosen when sampling (Dual-Path Model Patch);
+    ``tuning.alpha_blend`` is only the value the concept was tuned with.
+    """
 
     v_star: Tensor  # (D,)
     lora: LoRAFactors  # unbatched: A (r, D_in), B (D_out, r) per site
     token_id: int  # nearest real token of v*: the hard prompt's word
     token: str
-    alpha_blend: float
     base_fingerprint: str
     encoder_id: str
+    tuning: TuningConfig | None  # the settings of the tuning that made it; None: not recorded (format 1 file)
+    lora_targets: tuple[str, ...]  # the encoder's LoRAConfig.targets, e.g. ("attn1.to_q", ...)
 
     def __post_init__(self):
         if self.v_star.ndim != 1:
@@ -40,6 +52,10 @@ class Concept:
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
                 raise DATEncoderError(f"Concept.lora[{site!r}]: expected A (r={rank}, D_in) and B (D_out, r={rank}), "
                                       f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        stray = sorted({site_target(site) for site in self.lora.down} - set(self.lora_targets))
+        if stray:
+            raise DATEncoderError(f"Concept.lora has sites of the targets {stray}, which lora_targets "
+                                  f"{list(self.lora_targets)} does not list")
 
     @property
     def rank(self) -> int:
@@ -53,14 +69,19 @@ class Concept:
         atomic_save(tensors, path, {
             "format": CONCEPT_FORMAT, "format_version": str(CONCEPT_FORMAT_VERSION),
             "token_id": str(self.token_id), "token": self.token, "rank": str(self.rank),
-            "scale": repr(self.lora.scale), "alpha_blend": repr(self.alpha_blend),
-            "base_fingerprint": self.base_fingerprint, "encoder_id": self.encoder_id,
+            "scale": repr(self.lora.scale), "base_fingerprint": self.base_fingerprint, "encoder_id": self.encoder_id,
+            "tuning": json.dumps(None if self.tuning is None else self.tuning.to_dict()),
+            "lora_targets": json.dumps(list(self.lora_targets)),
         })
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> Concept:
-        """Read a concept file; with ``expected_fingerprint``, refuse one made for another base model."""
-        tensors, meta = read_safetensors(path, CONCEPT_FORMAT, (CONCEPT_FORMAT_VERSION,))
+        """Read a concept file; with ``expected_fingerprint``, refuse one made for another base model.
+
+        A format 1 file (no provenance) gets ``tuning`` None and the targets its sites show; its
+        ``alpha_blend`` is dropped.
+        """
+        tensors, meta = read_safetensors(path, CONCEPT_FORMAT, READABLE_VERSIONS)
         if expected_fingerprint is not None:
             check_fingerprint(meta.get("base_fingerprint", ""), expected_fingerprint, path, "concept")
         down, up = {}, {}
@@ -69,15 +90,21 @@ class Concept:
                 if key.startswith("lora."):
                     site, kind = key[len("lora."):].rsplit(".", 1)
                     {"down": down, "up": up}[kind][site] = tensor
+            if meta["format_version"] == "1":
+                tuning, targets = None, tuple(sorted({site_target(site) for site in down}))
+            else:
+                recorded = json.loads(meta["tuning"])
+                tuning = None if recorded is None else TuningConfig.from_dict(recorded)
+                targets = tuple(json.loads(meta["lora_targets"]))
             return cls(tensors["v_star"], LoRAFactors(down, up, float(meta["scale"])), int(meta["token_id"]),
-                       meta["token"], float(meta["alpha_blend"]), meta["base_fingerprint"], meta["encoder_id"])
-        except (KeyError, ValueError) as error:
+                       meta["token"], meta["base_fingerprint"], meta["encoder_id"], tuning, targets)
+        except (KeyError, TypeError, ValueError) as error:
             raise DATEncoderError(f"{path}: damaged concept file ({type(error).__name__}: {error})") from None
 
     def export(self, lora_path: str | os.PathLike, embedding_path: str | os.PathLike) -> None:
         """Write a kohya-format LoRA (``lora_unet_<diffusers path>.lora_down/lora_up/alpha``; loads in
         ComfyUI, A1111 and diffusers' ``load_lora_weights``) and an A1111/ComfyUI textual-inversion
-        embedding (``emb_params``, (1, D)).
+        embedding (``emb_params``, (1, D)), both or neither (``atomic_save_all``).
 
         The export drops the dual path: standard tools apply dW to every call and use v* alone, which is
         this concept at alpha_blend = 1.
@@ -89,5 +116,4 @@ class Concept:
             lora[f"{key}.lora_up.weight"] = self.lora.up[site]
             lora[f"{key}.alpha"] = torch.tensor(self.lora.scale * self.rank)
         note = {"datencoder_note": "exported without the dual path (alpha_blend = 1)", "token": self.token}
-        atomic_save(lora, lora_path, note)
-        atomic_save({"emb_params": self.v_star[None]}, embedding_path, note)
+        atomic_save_all([(lora, lora_path, note), ({"emb_params": self.v_star[None]}, embedding_path, note)])

@@ -5,6 +5,8 @@ The L2 on the weight offsets (Sec. 4.1) is ``LoRAFactors.squared_norms``.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,22 +20,25 @@ def diffusion_loss(noise_pred: Tensor, noise: Tensor) -> Tensor:
 
 
 def nearest_neighbor_contrastive_loss(
-    v_star: Tensor, vocab: Tensor, *, k: int, temperature: float,
+    v_star: Tensor, vocab: Tensor, *, k: int, temperature: float, exclude: Sequence[int],
     negatives: Tensor | None = None, self_index: Tensor | None = None,
 ) -> Tensor:
     """Eq. 3, averaged over the batch:
 
         L_c(v*) = -log( sum_{T in N(v*)} e^{s(v*,T)/tau} / (sum_{T in N(v*)} e^{s(v*,T)/tau} + sum_{v' != v*} e^{s(v*,v')/tau}) )
 
-    N(v*) is the ``k`` nearest rows of ``vocab`` (V, D) by cosine; s is cosine similarity (the paper
-    writes a dot product; cosine keeps the logits bounded, and Eq. 4 controls the norm separately).
+    N(v*) is the ``k`` nearest rows of ``vocab`` (V, D) by cosine, never the ids in ``exclude``: pass the
+    start/end-of-text tokens (``backend.special_token_ids``), which tuning never picks as a concept's word
+    either. The positives are constants: the gradient reaches v* only, never ``vocab`` (the text
+    encoder's token table, which may be a parameter). s is cosine similarity (the paper writes a dot
+    product; cosine keeps the logits bounded, and Eq. 4 controls the norm separately).
     Negatives are the other images' v*: by default the other rows of ``v_star`` (B, D); in multi-GPU
     training pass the all-gathered ``negatives`` (N, D) and each local row's position in it,
     ``self_index`` (B,), which is masked out.
     """
     if negatives is None:
         negatives, self_index = v_star, torch.arange(v_star.shape[0], device=v_star.device)
-    positives = vocab[nearest_tokens(v_star, vocab, k)]  # (B, k, D), no gradient to the vocabulary
+    positives = vocab.detach()[nearest_tokens(v_star, vocab, k, exclude)]  # (B, k, D)
     v = F.normalize(v_star, dim=-1)
     pos_logits = torch.einsum("bd,bkd->bk", v, F.normalize(positives, dim=-1)) / temperature
     neg_logits = v @ F.normalize(negatives, dim=-1).T / temperature  # (B, N)

@@ -54,6 +54,15 @@ def discover_sites(named_modules: Iterable[tuple[str, nn.Module]], targets: Iter
     return tuple(sites)
 
 
+def site_target(name: str) -> str:
+    """The LoRA target a site name ends in: ``...transformer_blocks.0.attn2.to_k`` -> ``attn2.to_k``."""
+    match = _SITE_PATTERN.search(name)
+    if match is None:
+        raise DATEncoderError(f"LoRA site {name!r}: expected a name ending in "
+                              f"'transformer_blocks.<i>.<attn1|attn2>.<to_q|to_k|to_v>'")
+    return match.group(1)
+
+
 def architecture_fingerprint(sites: Iterable[LoRASite], token_dim: int) -> str:
     """A short hash of the base model's architecture: every site's name and shape, and the token width.
 

@@ -98,8 +98,8 @@ def personalize(backend: PersonalizationBackend, encoder: DATEncoder, encoder_id
             progress(step + 1, config.steps, loss.item())
 
     token_id = _nearest_token(backend, v_star)
-    return Concept(v_star.detach(), lora.detached_clone(), token_id, backend.decode_token(token_id),
-                   config.alpha_blend, fingerprint, encoder_id)
+    return Concept(v_star.detach(), lora.detached_clone(), token_id, backend.decode_token(token_id), fingerprint,
+                   encoder_id, config, encoder.lora_config.targets)
 
 
 def _nearest_token(backend: PersonalizationBackend, v_star: Tensor) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
@@ -127,9 +129,30 @@ class DATEncoderLoadConcept(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, concept_name):
+        """The file's modification time, size and inode (every atomic save makes a new one): ComfyUI
+        reuses a node's output while this stays the same, so a concept overwritten by Save Concept is
+        read again. A missing file gives NaN, which never equals itself, so ``execute`` reports it."""
+        path = folder_paths.get_full_path(paths.CONCEPTS, concept_name)
+        if path is None:
+            return float("nan")
+        stat = os.stat(path)
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    @classmethod
     def execute(cls, concept_name) -> io.NodeOutput:
         concept = Concept.load(folder_paths.get_full_path_or_raise(paths.CONCEPTS, concept_name))
-        return io.NodeOutput(concept, ui=ui.PreviewText(f"nearest word: {concept.token}"))
+        return io.NodeOutput(concept, ui=ui.PreviewText(describe_concept(concept)))
+
+
+def describe_concept(concept: Concept) -> str:
+    """Load Concept's text: the nearest word, then where the concept came from (its provenance)."""
+    if concept.tuning is None:
+        tuning = "not recorded (a format 1 file)"
+    else:
+        tuning = ", ".join(f"{name}={value!r}" for name, value in concept.tuning.to_dict().items())
+    return (f"nearest word: {concept.token}\ntuning: {tuning}\nLoRA targets: {', '.join(concept.lora_targets)}\n"
+            f"encoder: {concept.encoder_id}")
 
 
 class DATEncoderSaveConcept(io.ComfyNode):

@@ -19,9 +19,10 @@ def conditioning():
 
 
 def _concept(clip, token_id, v_star):
-    concept_type = pack_module("datencoder_core").Concept
-    lora = LoRAFactors({"s": torch.zeros(4, 8)}, {"s": torch.zeros(8, 4)}, 1.0)
-    return concept_type(v_star, lora, token_id, "cat</w>", 0.25, "fingerprint", "enc")
+    core = pack_module("datencoder_core")
+    site = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    lora = LoRAFactors({site: torch.zeros(4, 8)}, {site: torch.zeros(8, 4)}, 1.0)
+    return core.Concept(v_star, lora, token_id, "cat</w>", "fingerprint", "enc", core.TuningConfig(), ("attn1.to_q",))
 
 
 def _plain(clip, text):

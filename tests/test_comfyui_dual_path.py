@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 from training.comfyui import pack_module
-from training.comfy_models import comfy_model_from_diffusers
+from training.comfy_models import comfy_model_from_diffusers, comfy_noise_prediction
 
-from datencoder_core import Concept, DualPathState, LoRAFactors, architecture_fingerprint
+from datencoder_core import Concept, DualPathState, LoRAConfig, LoRAFactors, TuningConfig, architecture_fingerprint
 
 PROMPT = "a photo of {} in the snow"
 
@@ -22,33 +22,8 @@ def concept(backend):
     g = torch.Generator().manual_seed(7)
     lora = LoRAFactors({s.name: torch.randn(4, s.in_features, generator=g) * 0.1 for s in backend.sites},
                        {s.name: torch.randn(s.out_features, 4, generator=g) * 0.1 for s in backend.sites}, 1.0)
-    return Concept(torch.randn(32, generator=g) * 0.5, lora, 70, "f</w>", 0.25,
-                   architecture_fingerprint(backend.sites, 32), "enc@test")
-
-
-def _comfy_noise_prediction(patcher, cond, latents, timesteps, uncond=None):
-    """eps from ComfyUI's own sampling path (what CFGGuider.sample does before its sampler runs:
-    wrappers into the model options, prepare_sampling, process_conds, calc_cond_batch), for VP-scaled
-    latents at integer timesteps, so it compares with the diffusers UNet."""
-    import comfy.model_patcher
-    import comfy.sampler_helpers
-    import comfy.samplers
-
-    sigma = patcher.model.model_sampling.sigmas[timesteps]
-    x = latents * (sigma**2 + 1).sqrt()[:, None, None, None]
-    conds = {name: comfy.sampler_helpers.convert_cond(c) for name, c in (("positive", cond), ("negative", uncond))
-             if c is not None}
-    options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
-    comfy.sampler_helpers.prepare_model_patcher(patcher, conds, options)
-    model, conds, loaded = comfy.sampler_helpers.prepare_sampling(patcher, x.shape, conds, options)
-    patcher.pre_run()
-    try:
-        conds = comfy.samplers.process_conds(model, x, conds, x.device)
-        outputs = comfy.samplers.calc_cond_batch(model, list(conds.values()), x, sigma, options)
-    finally:
-        patcher.cleanup()
-        comfy.sampler_helpers.cleanup_models(conds, loaded)
-    return [(x - out) / sigma[:, None, None, None] for out in outputs]
+    return Concept(torch.randn(32, generator=g) * 0.5, lora, 70, "f</w>", architecture_fingerprint(backend.sites, 32),
+                   "enc@test", TuningConfig(), LoRAConfig().targets)
 
 
 def _inputs(backend, concept):
@@ -66,7 +41,7 @@ def test_comfyui_matches_diffusers_reference(comfy, backend, concept, alpha):
     latents, t, soft, hard = _inputs(backend, concept)
     patched = patching.patch_model(patcher, concept, alpha)
     with torch.no_grad():
-        [ours] = _comfy_noise_prediction(patched, [[soft, {key: hard}]], latents, t)
+        [ours] = comfy_noise_prediction(patched, [[[soft, {key: hard}]]], latents, t)
         reference = backend.predict_noise(latents, t, soft.expand(2, -1, -1),
                                           DualPathState(concept.lora, alpha, hard.expand(2, -1, -1)))
     assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
@@ -80,8 +55,8 @@ def test_uncond_chunks_keep_their_own_context(comfy, backend, concept):
     negative = backend.encode_prompt("blurry {}", 5)
     patched = patching.patch_model(patcher, concept, 0.25)
     with torch.no_grad():
-        positive_eps, negative_eps = _comfy_noise_prediction(patched, [[soft, {key: hard}]], latents, t,
-                                                             uncond=[[negative, {}]])
+        positive_eps, negative_eps = comfy_noise_prediction(patched, [[[soft, {key: hard}]], [[negative, {}]]],
+                                                            latents, t)
         expected_negative = backend.predict_noise(latents, t, negative.expand(2, -1, -1),
                                                   DualPathState(concept.lora, 0.25, negative.expand(2, -1, -1)))
     assert torch.allclose(negative_eps, expected_negative, atol=1e-4)
@@ -91,10 +66,10 @@ def test_input_model_is_untouched(comfy, backend, concept):
     patching, patcher = comfy
     latents, t, soft, hard = _inputs(backend, concept)
     with torch.no_grad():
-        [before] = _comfy_noise_prediction(patcher, [[soft, {}]], latents, t)
+        [before] = comfy_noise_prediction(patcher, [[[soft, {}]]], latents, t)
         patched = patching.patch_model(patcher, concept, 0.25)
-        [during] = _comfy_noise_prediction(patched, [[soft, {}]], latents, t)
-        [after] = _comfy_noise_prediction(patcher, [[soft, {}]], latents, t)
+        [during] = comfy_noise_prediction(patched, [[[soft, {}]]], latents, t)
+        [after] = comfy_noise_prediction(patcher, [[[soft, {}]]], latents, t)
     assert torch.equal(before, after)
     assert not torch.allclose(before, during, atol=1e-4)
     assert patcher.object_patches == {} and "model_function_wrapper" not in patcher.model_options
@@ -147,7 +122,8 @@ def test_comfyui_conditioning_nodes_keep_working(comfy, backend, concept):
 def test_concept_for_another_model_is_refused(comfy, concept):
     patching, patcher = comfy
     foreign = dataclasses.replace(concept, base_fingerprint="0123456789abcdef")
-    with pytest.raises(Exception, match="made for another base model .*fingerprint 0123456789abcdef"):
+    with pytest.raises(pack_module("datencoder_core").DATEncoderError,
+                       match="made for another base model .*fingerprint 0123456789abcdef"):
         patching.patch_model(patcher, foreign, 0.25)
 
 
@@ -160,7 +136,8 @@ def test_fingerprint_agrees_with_the_reference_backend(comfy, backend):
 def test_a_second_concept_on_a_patched_model_is_refused(comfy, concept):
     patching, patcher = comfy
     patched = patching.patch_model(patcher, concept, 0.25)
-    with pytest.raises(Exception, match="already went through a Dual-Path Model Patch"):
+    with pytest.raises(pack_module("datencoder_core").DATEncoderError,
+                       match="already went through a Dual-Path Model Patch"):
         patching.patch_model(patched, concept, 0.25)
 
 
@@ -245,18 +222,18 @@ def test_attention_input_patches_of_another_pack_work_together(comfy, backend, c
     cond = [[soft, {patching.HARD_CONTEXT_KEY: hard}]]
     patched = patching.patch_model(patcher, concept, 0.25)
     with torch.no_grad():
-        [alone] = _comfy_noise_prediction(patched, cond, latents, t)
+        [alone] = comfy_noise_prediction(patched, [cond], latents, t)
         results = {}
         patches = {"identity": lambda n, c, v, _: (n, c, v), "scaled": lambda n, c, v, _: (n * 1.5, c, v)}
         for name, patch in patches.items():
             with_patches = patched.clone()
             with_patches.set_model_attn1_patch(patch)
             with_patches.set_model_attn2_patch(patch)
-            [results[name]] = _comfy_noise_prediction(with_patches, cond, latents, t)
+            [results[name]] = comfy_noise_prediction(with_patches, [cond], latents, t)
             plain = patcher.clone()
             plain.set_model_attn1_patch(patch)
             plain.set_model_attn2_patch(patch)
-            [results[f"{name} without concept"]] = _comfy_noise_prediction(plain, cond, latents, t)
+            [results[f"{name} without concept"]] = comfy_noise_prediction(plain, [cond], latents, t)
     assert torch.equal(results["identity"], alone)
     assert not torch.allclose(results["scaled"], alone, atol=1e-3)
     assert not torch.allclose(results["scaled"], results["scaled without concept"], atol=1e-3)
@@ -270,7 +247,7 @@ def test_a_separate_value_from_another_patch_is_refused(comfy, backend, concept)
     patched.set_model_attn2_patch(lambda n, c, v, _: (n, c, v * 2.0))
     with pytest.raises(core.DATEncoderError, match="separate value or a mask"):
         with torch.no_grad():
-            _comfy_noise_prediction(patched, [[soft, {patching.HARD_CONTEXT_KEY: hard}]], latents, t)
+            comfy_noise_prediction(patched, [[[soft, {patching.HARD_CONTEXT_KEY: hard}]]], latents, t)
 
 
 def test_a_conditioning_changed_after_apply_concept_token_is_refused(comfy, backend, concept):
@@ -283,4 +260,4 @@ def test_a_conditioning_changed_after_apply_concept_token_is_refused(comfy, back
                                                              [[backend.encode_prompt("a forest {}", 9), {}]])
     with pytest.raises(core.DATEncoderError, match="was changed afterwards .* ConditioningConcat"):
         with torch.no_grad():
-            _comfy_noise_prediction(patching.patch_model(patcher, concept, 0.25), concatenated, latents, t)
+            comfy_noise_prediction(patching.patch_model(patcher, concept, 0.25), [concatenated], latents, t)

@@ -14,3 +14,5 @@ def test_execute_parameters_equal_schema_inputs():
     for node in nodes:
         declared = [spec.id for spec in node.define_schema().inputs]
         assert list(inspect.signature(node.execute).parameters) == declared, node.__name__
+        if "fingerprint_inputs" in vars(node):
+            assert list(inspect.signature(node.fingerprint_inputs).parameters) == declared, node.__name__

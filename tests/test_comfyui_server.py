@@ -10,8 +10,10 @@ import urllib.request
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from datencoder_core import Concept, LoRAFactors
+from datencoder_core import Concept, LoRAFactors, TuningConfig
 from training.comfyui import REPO, ComfyUIServer, WorkflowError, free_port
 
 NODES = {
@@ -23,6 +25,7 @@ NODES = {
     "DATEncoderDualPathPatch": (["MODEL", "CONCEPT"], ["MODEL"]),
     "DATEncoderApplyConceptToken": (["CLIP", "CONCEPT"], ["CONDITIONING"]),
 }
+TUNING = TuningConfig(steps=7, lr=1e-3, alpha_blend=0.5, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,8 @@ def server(tmp_path_factory):
     concepts.mkdir(parents=True)
     lora = LoRAFactors({"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": torch.randn(4, 8)},
                        {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": torch.randn(8, 4)}, 1.0)
-    Concept(torch.randn(768), lora, 2368, "cat</w>", 0.25, "fp", "enc@1").save(concepts / "cat.safetensors")
+    Concept(torch.randn(768), lora, 2368, "cat</w>", "fp", "enc@1", TUNING, ("attn1.to_q",)).save(
+        concepts / "cat.safetensors")
     encoders = base / "models" / "datencoder"
     encoders.mkdir()
     (encoders / "broken.safetensors").write_bytes(b"not a safetensors file")
@@ -70,7 +74,56 @@ def test_load_save_and_export_through_the_executor(server):
     assert torch.equal(copy.v_star, original.v_star) and copy.token == "cat</w>"
     assert (base / "models" / "loras" / "cat.safetensors").is_file()
     assert (base / "models" / "embeddings" / "cat.safetensors").is_file()
-    assert result.history["outputs"]["1"]["text"] == ["nearest word: cat</w>"]
+    assert result.history["outputs"]["1"]["text"] == [
+        "nearest word: cat</w>\n"
+        "tuning: steps=7, lr=0.001, alpha_blend=0.5, timesteps_per_step=4, encoder_timestep=500, "
+        "embedding_anchor_weight=0.01, lora_anchor_weight=0.01, prompt='a photo of {}', seed=3\n"
+        "LoRA targets: attn1.to_q\n"
+        "encoder: enc@1"]
+    assert copy.tuning == TUNING and copy.lora_targets == ("attn1.to_q",)
+
+
+def test_load_concept_reads_a_concept_overwritten_by_save_concept(server):
+    """Same server, same Load Concept input: after Save Concept replaced the file, the new concept is
+    served, not ComfyUI's cached output."""
+    concepts = server.base / "models" / "datencoder_concepts"
+    (concepts / "mine.safetensors").write_bytes((concepts / "cat.safetensors").read_bytes())
+    dog = Concept.load(concepts / "cat.safetensors")
+    dog.token, dog.v_star = "dog</w>", torch.randn(768)
+    dog.save(concepts / "dog.safetensors")
+
+    serve_mine = {  # ComfyUI keeps cached outputs of the nodes of the last prompt: all three prompts have these
+        "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "mine.safetensors"}},
+        "2": {"class_type": "DATEncoderSaveConcept",
+              "inputs": {"concept": ["1", 0], "name": "served", "overwrite": True}}}
+    overwrite_mine = {
+        "3": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "dog.safetensors"}},
+        "4": {"class_type": "DATEncoderSaveConcept",
+              "inputs": {"concept": ["3", 0], "name": "mine", "overwrite": True}}}
+
+    first = server.run(serve_mine, timeout=60)
+    assert first.history["outputs"]["1"]["text"][0].startswith("nearest word: cat</w>\n")
+    server.run({**serve_mine, **overwrite_mine}, timeout=60)  # Save Concept replaces the file Load Concept reads
+    again = server.run(serve_mine, timeout=60)
+    assert torch.equal(Concept.load(concepts / "served.safetensors").v_star, dog.v_star)  # not the cached cat
+    assert again.history["outputs"]["1"]["text"][0].startswith("nearest word: dog</w>\n")
+
+
+def test_load_concept_reads_format_1_files(server):
+    """A concept saved before provenance was recorded loads, says so, and is saved again as format 2."""
+    concepts = server.base / "models" / "datencoder_concepts"
+    tensors = load_file(concepts / "cat.safetensors")
+    save_file(tensors, str(concepts / "old.safetensors"), metadata={
+        "format": "datencoder.concept", "format_version": "1", "token_id": "2368", "token": "cat</w>", "rank": "4",
+        "scale": "1.0", "alpha_blend": "0.25", "base_fingerprint": "fp", "encoder_id": "enc@0"})
+    result = server.run({
+        "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "old.safetensors"}},
+        "2": {"class_type": "DATEncoderSaveConcept", "inputs": {"concept": ["1", 0], "name": "old_resaved",
+                                                                "overwrite": False}}}, timeout=60)
+    assert result.history["outputs"]["1"]["text"] == [
+        "nearest word: cat</w>\ntuning: not recorded (a format 1 file)\nLoRA targets: attn1.to_q\nencoder: enc@0"]
+    resaved = safe_open(str(concepts / "old_resaved.safetensors"), framework="pt").metadata()
+    assert resaved["format_version"] == "2" and "alpha_blend" not in resaved and resaved["tuning"] == "null"
 
 
 @pytest.mark.parametrize("name,message", [("../escape", "without folders"), ("taken", "exists")])

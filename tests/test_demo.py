@@ -1,6 +1,7 @@
 """The main job (``make demo``): the workflow's API twin in a real ComfyUI server on the demo model set."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from PIL import Image
 
 from datencoder_core import Concept, architecture_fingerprint, load_encoder
 from training import demo_models
-from training.demo import main
+from training.demo import MARKER, main, replace_output
 
 QUICK = ["--set", "5.steps=2", "--set", "5.timesteps_per_step=1", "--set", "9.width=256", "--set", "9.height=256",
          "--set", "10.steps=2"]
@@ -19,6 +20,7 @@ def test_demo_runs_the_workflow_and_reports(demo_models_folder, tmp_path):
     report = main(["--cache", str(demo_models_folder.parent), "--output", str(output), *QUICK])
 
     assert json.loads((output / "report.json").read_text()) == report
+    assert (output / MARKER).is_file()  # so the next run may replace the folder
     assert len(report["images"]) == 2  # the workflow's batch of 2
     for path in report["images"]:
         pixels = np.asarray(Image.open(path))
@@ -41,3 +43,29 @@ def test_demo_names_missing_model_files(tmp_path, capsys):
     for expected in ("checkpoints/v1-5-pruned-emaonly.safetensors",
                      "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "datencoder/datencoder_sd15.safetensors"):
         assert str(tmp_path / expected) in message
+
+
+@pytest.mark.parametrize("where", ["a folder of yours", "the current folder", "a file"])
+def test_demo_refuses_an_output_it_did_not_make(tmp_path, monkeypatch, capsys, where):
+    """Refused before anything slow (no model set is made in the empty cache), and nothing is deleted."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    output = {"a folder of yours": str(mine), "the current folder": ".", "a file": str(mine / "thesis.tex")}[where]
+    monkeypatch.chdir(mine)
+    with pytest.raises(SystemExit, match=rf"--output {re.escape(output)}: "
+                                         r"(is a file|the folder is not empty and is not a previous demo output)"):
+        main(["--output", output, "--cache", str(tmp_path / "cache")])
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"] and (mine / "thesis.tex").read_text() == "precious"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_previous_demo_output_or_an_empty_folder_is_replaced(tmp_path):
+    previous, empty = tmp_path / "previous", tmp_path / "empty"
+    (previous / "comfyui").mkdir(parents=True)
+    (previous / MARKER).write_text("")
+    (previous / "report.json").write_text("{}")
+    empty.mkdir()
+    for output in (previous, empty, tmp_path / "new" / "demo"):
+        replace_output(output)
+        assert [p.name for p in output.iterdir()] == [MARKER]

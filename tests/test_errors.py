@@ -9,13 +9,17 @@ from datencoder_core import (Concept, DATEncoderError, LoRAConfig, LoRAFactors, 
 from datencoder_core.images import clip_preprocess
 
 
+SITE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
 @pytest.fixture
 def concept_file(backend, tmp_path):
     g = torch.Generator().manual_seed(0)
     lora = LoRAFactors({s.name: torch.randn(4, s.in_features, generator=g) for s in backend.sites},
                        {s.name: torch.randn(s.out_features, 4, generator=g) for s in backend.sites}, 1.0)
     path = tmp_path / "cat.safetensors"
-    Concept(torch.randn(32), lora, 70, "f</w>", 0.25, "tinyfingerprint0", "enc@1").save(path)
+    Concept(torch.randn(32), lora, 70, "f</w>", "tinyfingerprint0", "enc@1", TuningConfig(),
+            LoRAConfig().targets).save(path)
     return path
 
 
@@ -32,11 +36,15 @@ def test_wrong_encoder_input_shapes(encoder):
 
 def test_wrong_concept_shapes():
     with pytest.raises(DATEncoderError, match=r"expected a \(D,\) vector"):
-        Concept(torch.randn(1, 32), LoRAFactors({"s": torch.zeros(4, 8)}, {"s": torch.zeros(8, 4)}, 1.0),
-                1, "a", 0.25, "f", "e")
-    with pytest.raises(DATEncoderError, match=r"Concept.lora\['s'\]: expected A \(r=4, D_in\)"):
-        Concept(torch.randn(32), LoRAFactors({"s": torch.zeros(4, 8)}, {"s": torch.zeros(8, 3)}, 1.0),
-                1, "a", 0.25, "f", "e")
+        Concept(torch.randn(1, 32), LoRAFactors({SITE: torch.zeros(4, 8)}, {SITE: torch.zeros(8, 4)}, 1.0),
+                1, "a", "f", "e", None, ("attn1.to_q",))
+    with pytest.raises(DATEncoderError, match=r"Concept.lora\['down.*attn1.to_q'\]: expected A \(r=4, D_in\)"):
+        Concept(torch.randn(32), LoRAFactors({SITE: torch.zeros(4, 8)}, {SITE: torch.zeros(8, 3)}, 1.0),
+                1, "a", "f", "e", None, ("attn1.to_q",))
+    with pytest.raises(DATEncoderError, match=r"sites of the targets \['attn1.to_q'\], which lora_targets "
+                                              r"\['attn2.to_k'\] does not list"):
+        Concept(torch.randn(32), LoRAFactors({SITE: torch.zeros(4, 8)}, {SITE: torch.zeros(8, 4)}, 1.0),
+                1, "a", "f", "e", None, ("attn2.to_k",))
 
 
 def test_concept_for_another_base_model(concept_file):
@@ -60,7 +68,7 @@ def test_corrupt_and_truncated_files(concept_file, tmp_path):
 def test_unknown_format_version_and_wrong_kind_of_file(concept_file, encoder, tmp_path):
     future = tmp_path / "future.safetensors"
     save_file({"v_star": torch.zeros(32)}, str(future), metadata={"format": "datencoder.concept", "format_version": "9"})
-    with pytest.raises(DATEncoderError, match=r"format_version '9' is not supported .*supported: \[1\]"):
+    with pytest.raises(DATEncoderError, match=r"format_version '9' is not supported .*supported: \[1, 2\]"):
         Concept.load(future)
     save_encoder(encoder, tmp_path / "enc.safetensors")
     with pytest.raises(DATEncoderError, match="expected a 'datencoder.concept' file, found a 'datencoder.encoder' file"):

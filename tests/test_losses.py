@@ -12,14 +12,15 @@ def _cos(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def _eq3_float64(v_all, vocab, k, tau, rows=None):
-    """Eq. 3 written out term by term in float64, neighbours found by a Python sort, negatives = all
-    other rows of ``v_all``; averaged over ``rows`` (default: all)."""
+def _eq3_float64(v_all, vocab, k, tau, rows=None, exclude=()):
+    """Eq. 3 written out term by term in float64, neighbours found by a Python sort among the rows of
+    ``vocab`` not in ``exclude``, negatives = all other rows of ``v_all``; averaged over ``rows`` (default: all)."""
     v_all, vocab = v_all.double(), vocab.double()
+    candidates = [t for j, t in enumerate(vocab) if j not in exclude]
     losses = []
     for i in rows if rows is not None else range(len(v_all)):
         v = v_all[i]
-        pos = sum(math.exp(s / tau) for s in sorted((_cos(v, t) for t in vocab), reverse=True)[:k])
+        pos = sum(math.exp(s / tau) for s in sorted((_cos(v, t) for t in candidates), reverse=True)[:k])
         neg = sum(math.exp(_cos(v, w) / tau) for j, w in enumerate(v_all) if j != i)
         losses.append(-math.log(pos / (pos + neg)))
     return sum(losses) / len(losses)
@@ -29,7 +30,7 @@ def _eq3_float64(v_all, vocab, k, tau, rows=None):
 def test_contrastive_loss_matches_eq3(k, tau):
     g = torch.Generator().manual_seed(k)
     v_star, vocab = torch.randn(6, 16, generator=g), torch.randn(50, 16, generator=g)
-    loss = nearest_neighbor_contrastive_loss(v_star, vocab, k=k, temperature=tau)
+    loss = nearest_neighbor_contrastive_loss(v_star, vocab, k=k, temperature=tau, exclude=())
     assert loss.item() == pytest.approx(_eq3_float64(v_star, vocab, k, tau), rel=1e-5)
 
 
@@ -37,7 +38,7 @@ def test_contrastive_loss_with_gathered_negatives():
     """The multi-GPU form: local rows 4..7 against all 8 gathered rows as negatives, self masked."""
     g = torch.Generator().manual_seed(0)
     everything, vocab = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
-    gathered = nearest_neighbor_contrastive_loss(everything[4:], vocab, k=2, temperature=0.1,
+    gathered = nearest_neighbor_contrastive_loss(everything[4:], vocab, k=2, temperature=0.1, exclude=(),
                                                  negatives=everything, self_index=torch.arange(4, 8))
     assert gathered.item() == pytest.approx(_eq3_float64(everything, vocab, 2, 0.1, rows=range(4, 8)), rel=1e-5)
 
@@ -47,11 +48,34 @@ def test_contrastive_loss_pulls_toward_nearest_tokens_and_apart():
     g = torch.Generator().manual_seed(1)
     v_star = torch.randn(4, 16, generator=g).requires_grad_(True)
     vocab = torch.randn(30, 16, generator=g)
-    before = nearest_neighbor_contrastive_loss(v_star, vocab, k=3, temperature=0.1)
+    before = nearest_neighbor_contrastive_loss(v_star, vocab, k=3, temperature=0.1, exclude=())
     before.backward()
     with torch.no_grad():
-        after = nearest_neighbor_contrastive_loss(v_star - 0.5 * v_star.grad, vocab, k=3, temperature=0.1)
+        after = nearest_neighbor_contrastive_loss(v_star - 0.5 * v_star.grad, vocab, k=3, temperature=0.1, exclude=())
     assert after < before
+
+
+def test_contrastive_positives_are_never_start_or_end_tokens():
+    """Rows 0 and 1 play <|startoftext|> and <|endoftext|>, made the nearest rows of every v*: excluded,
+    the loss is Eq. 3 over the other rows; included, it would differ by far more than rounding."""
+    g = torch.Generator().manual_seed(5)
+    v_star, vocab = torch.randn(4, 16, generator=g), torch.randn(30, 16, generator=g)
+    vocab[0], vocab[1] = v_star[:2].sum(0), v_star[2:].sum(0)
+    assert set(nearest_tokens(v_star, vocab, k=1)[:, 0].tolist()) == {0, 1}
+    loss = nearest_neighbor_contrastive_loss(v_star, vocab, k=3, temperature=0.1, exclude=(0, 1))
+    assert loss.item() == pytest.approx(_eq3_float64(v_star, vocab, 3, 0.1, exclude=(0, 1)), rel=1e-5)
+    with_them = nearest_neighbor_contrastive_loss(v_star, vocab, k=3, temperature=0.1, exclude=())
+    assert with_them.item() < loss.item() - 0.1
+
+
+def test_contrastive_loss_gives_no_gradient_to_the_vocabulary():
+    """The token table may be a trainable parameter elsewhere; Eq. 3 must move v* only."""
+    g = torch.Generator().manual_seed(6)
+    v_star = torch.randn(4, 16, generator=g).requires_grad_(True)
+    vocab = torch.randn(30, 16, generator=g).requires_grad_(True)
+    nearest_neighbor_contrastive_loss(v_star, vocab, k=3, temperature=0.1, exclude=(0, 1)).backward()
+    assert vocab.grad is None
+    assert v_star.grad.abs().sum() > 0
 
 
 def test_embedding_l2_matches_eq4():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import assert_unchanged, state_checksums
 
-from datencoder_core import DualPathState, TuningConfig, personalize
-from datencoder_core.tuning import add_noise
+from datencoder_core import DualPathState, TuningConfig, nearest_tokens, personalize
+from datencoder_core.tuning import add_noise, predict
 
 FAST = TuningConfig(steps=3)
 
@@ -47,10 +47,23 @@ def test_tuning_touches_only_v_star_and_lora(tiny_models, backend, encoder, cat_
 
 
 def test_zero_steps_returns_the_encoder_prediction(backend, encoder, cat_image):
-    concept = personalize(backend, encoder, "enc", cat_image, TuningConfig(steps=0))
-    assert all(torch.count_nonzero(b) == 0 for b in concept.lora.up.values())  # fresh encoder: B heads are zero
+    """steps = 0: v*, A and B are exactly the encoder's one forward (same seed, same noised latent);
+    one step already moves them."""
+    config = TuningConfig(steps=0)
+    concept = personalize(backend, encoder, "enc", cat_image, config)
+    expected = predict(backend, encoder, backend.encode_latents(cat_image), cat_image, config.encoder_timestep,
+                       torch.Generator().manual_seed(config.seed))
+    assert torch.equal(concept.v_star, expected.v_star[0])
+    for site in expected.lora.down:
+        assert torch.equal(concept.lora.down[site], expected.lora.down[site][0])
+        assert torch.equal(concept.lora.up[site], expected.lora.up[site][0])
+    assert concept.lora.scale == expected.lora.scale
+    assert concept.token_id == int(nearest_tokens(expected.v_star, backend.token_embeddings, 1,
+                                                  backend.special_token_ids)[0, 0])
     assert concept.token_id not in backend.special_token_ids
     assert concept.token == backend.decode_token(concept.token_id)
+    tuned = personalize(backend, encoder, "enc", cat_image, dataclasses.replace(config, steps=1))
+    assert (tuned.v_star - expected.v_star[0]).abs().max() > 1e-4
 
 
 def test_same_inputs_and_seed_give_the_same_concept(backend, encoder, cat_image):
@@ -82,10 +95,15 @@ def test_progress_reports_every_step_and_interrupt_stops(backend, encoder, cat_i
 
 
 def test_several_photos_of_one_concept_give_one_concept(backend, encoder, cat_image):
-    flipped = torch.cat([cat_image, cat_image.flip(2)])
-    concept = personalize(backend, encoder, "enc", flipped, FAST)
-    assert concept.v_star.shape == (backend.token_embeddings.shape[1],)
-    assert all(a.ndim == 2 for a in concept.lora.down.values())
+    """A batch of photos gives one concept, and every photo counts: with the first photo and the seed
+    the same, changing only the second one (the cat again -> its mirror image) changes v* and A."""
+    same = personalize(backend, encoder, "enc", torch.cat([cat_image, cat_image]), FAST)
+    mirrored = personalize(backend, encoder, "enc", torch.cat([cat_image, cat_image.flip(2)]), FAST)
+    assert mirrored.v_star.shape == (backend.token_embeddings.shape[1],)
+    assert all(a.ndim == 2 for a in mirrored.lora.down.values())
+    # ignoring the second photo would leave row 0's computation, and so the concept, bit-identical
+    assert (mirrored.v_star - same.v_star).abs().max() > 2e-4
+    assert max((mirrored.lora.down[k] - same.lora.down[k]).abs().max() for k in same.lora.down) > 2e-4
 
 
 def test_half_precision_models_with_float32_trainables(cat_image):

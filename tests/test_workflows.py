@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datencoder_core import Concept
+from datencoder_core import Concept, LoRAConfig, TuningConfig
 from training.comfyui import REPO, ComfyUIServer
 from training.demo import prepare_base_directory, use_demo_models
 
@@ -87,17 +87,21 @@ def _images(base, run):
 def test_api_workflows_personalize_save_then_reuse_and_export(server):
     base = server.base
     texts = []
-    first = server.run(_quick(_load("personalize_and_generate", api=True)), on_text=lambda n, t: texts.append((n, t)))
+    prompt = _quick(_load("personalize_and_generate", api=True))
+    first = server.run(prompt, on_text=lambda n, t: texts.append((n, t)))
     images = _images(base, first)
     assert len(images) == 2 and all(i.shape == (256, 256, 3) for i in images)
     assert [t.split("  loss")[0] for n, t in texts if n == "5"] == ["step 1/2", "step 2/2"]  # the loss, live
     nearest = first.history["outputs"]["5"]["text"][0]
     saved = Concept.load(base / "models" / "datencoder_concepts" / "my_concept.safetensors")
     assert nearest == f"nearest word: {saved.token}"
+    settings = {k: v for k, v in prompt["5"]["inputs"].items() if not isinstance(v, list)}  # the widgets
+    assert saved.tuning == TuningConfig(**settings) and saved.lora_targets == LoRAConfig().targets
 
     second = server.run(_quick(_load("save_and_reuse_concept", api=True)))
     images = _images(base, second)
     assert len(images) == 2 and all(i.shape == (256, 256, 3) for i in images)
-    assert second.history["outputs"]["2"]["text"][0] == nearest
+    shown = second.history["outputs"]["2"]["text"][0].splitlines()  # Load Concept: the word, then provenance
+    assert shown[0] == nearest and shown[1].startswith("tuning: steps=2, lr=0.002, alpha_blend=0.25, ")
     assert (base / "models" / "loras" / "my_concept.safetensors").is_file()
     assert (base / "models" / "embeddings" / "my_concept.safetensors").is_file()

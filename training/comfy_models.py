@@ -32,9 +32,10 @@ def comfy_model_from_diffusers(unet, load_device: torch.device = torch.device("c
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=torch.device("cpu"))
 
 
-def random_comfy_clip(seed: int = 0, full_size: bool = False):
+def random_comfy_clip(seed: int = 0, full_size: bool = False, embedding_directory=None):
     """ComfyUI's SD1 CLIP (its shipped tokenizer, 49,408 tokens) with a small random text model, or
-    SD1.5's CLIP-L shapes with ``full_size``."""
+    SD1.5's CLIP-L shapes with ``full_size``; prompts may name embeddings (``embedding:<name>``) in
+    ``embedding_directory``, as the checkpoint loader's CLIP does with ``models/embeddings``."""
     import functools
     import json
 
@@ -48,7 +49,8 @@ def random_comfy_clip(seed: int = 0, full_size: bool = False):
         config.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     small = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=config, return_projected_pooled=False)
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(target, model_options={"clip_l_class": small, "dtype": torch.float32})
+    clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory,
+                         model_options={"clip_l_class": small, "dtype": torch.float32})
     seeded_random_init(clip.cond_stage_model, seed)
     return clip
 
@@ -84,3 +86,51 @@ def comfy_vae_from_diffusers(vae):
                 "num_res_blocks": vae.config.layers_per_block, "attn_resolutions": [], "dropout": 0.0}
     return comfy.sd.VAE(sd=vae.state_dict(), config={"params": {"embed_dim": vae.config.latent_channels,
                                                                 "ddconfig": ddconfig}})
+
+
+def comfy_noise_prediction(patcher, conds, latents, timesteps):
+    """eps of ``patcher`` for each conditioning in ``conds`` (ComfyUI CONDITIONING lists), through ComfyUI's
+    own sampling internals (cond encoding, batching, model wrapper, patch loading), for VP-scaled latents
+    at integer timesteps, so it compares with a diffusers UNet."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    comfy.model_management.load_models_gpu([patcher])
+    patcher.pre_run()
+    sigma = patcher.model.model_sampling.sigmas[timesteps]
+    x = latents * (sigma**2 + 1).sqrt()[:, None, None, None]
+    groups = [comfy.samplers.encode_model_conds(patcher.model.extra_conds, comfy.sampler_helpers.convert_cond(c), x,
+                                                x.device, "positive") for c in conds]
+    try:
+        outputs = comfy.samplers.calc_cond_batch(patcher.model, groups, x, sigma, patcher.model_options)
+    finally:
+        patcher.cleanup()
+    return [(x - out) / sigma[:, None, None, None] for out in outputs]
+
+
+def comfy_noise_prediction(patcher, conds, latents, timesteps):
+    """eps of ``patcher`` for each conditioning in ``conds`` (ComfyUI CONDITIONING lists; the first is
+    the positive, the second the negative), through ComfyUI's own sampling path: what
+    ``CFGGuider.sample`` does before its sampler runs (wrappers into the model options,
+    ``prepare_sampling``, ``process_conds``, ``calc_cond_batch``, batching included). For VP-scaled
+    latents at integer timesteps, so it compares with a diffusers UNet."""
+    import comfy.model_patcher
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    sigma = patcher.model.model_sampling.sigmas[timesteps]
+    x = latents * (sigma**2 + 1).sqrt()[:, None, None, None]
+    names = ["positive", "negative", *(f"cond{i}" for i in range(2, len(conds)))]
+    converted = {name: comfy.sampler_helpers.convert_cond(c) for name, c in zip(names, conds)}
+    options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    comfy.sampler_helpers.prepare_model_patcher(patcher, converted, options)
+    model, converted, loaded = comfy.sampler_helpers.prepare_sampling(patcher, x.shape, converted, options)
+    patcher.pre_run()
+    try:
+        converted = comfy.samplers.process_conds(model, x, converted, x.device)
+        outputs = comfy.samplers.calc_cond_batch(model, list(converted.values()), x, sigma, options)
+    finally:
+        patcher.cleanup()
+        comfy.sampler_helpers.cleanup_models(converted, loaded)
+    return [(x - out) / sigma[:, None, None, None] for out in outputs]

@@ -8,7 +8,8 @@ With ``--models``, the workflow runs on your files, under the names it uses:
 and ``datencoder/datencoder_sd15.safetensors``. Without it, on the demo model set
 (``training/demo_models.py``). The photo defaults to scikit-image's Chelsea the cat.
 
-Writes to ``--output`` (default ``output/demo/``, replaced on each run): the images, ``report.json``
+Writes to ``--output`` (default ``output/demo/``, replaced on each run; a folder that is neither empty nor
+a previous demo output is refused, never deleted): the images, ``report.json``
 (nearest word, personalization seconds, the tuning losses, peak memory), and ``comfyui/``, the ComfyUI
 base directory of the run (its log in ``comfyui/comfyui.log``, the saved concept in
 ``comfyui/models/datencoder_concepts/``).
@@ -35,6 +36,7 @@ DEMO_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"): ("checkpoints", demo_mod
                ("DATEncoderLoader", "encoder_name"): ("datencoder", demo_models.ENCODER),
                ("KSampler", "steps"): (None, 4)}
 PHOTO = "concept_photo.png"  # the LoadImage input of the workflow
+MARKER = ".datencoder-demo"  # written first into every demo output: only folders holding it are replaced
 logger = logging.getLogger("datencoder.demo")
 
 
@@ -52,6 +54,26 @@ def use_demo_models(prompt: dict) -> None:
         for (class_type, name), (_, value) in DEMO_INPUTS.items():
             if node["class_type"] == class_type:
                 node["inputs"][name] = value
+
+
+def check_output(output: Path) -> None:
+    """Refuse (``SystemExit``) an ``--output`` the demo may not replace: a file, or a folder that is
+    neither empty nor a previous demo output (one holding ``MARKER``). So a mistyped ``--output``
+    (``.``, a home folder) never loses a file. Runs before anything slow."""
+    if output.exists() and not output.is_dir():
+        raise SystemExit(f"--output {output}: is a file; pass a folder (default output/demo/)")
+    if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
+        raise SystemExit(f"--output {output}: the folder is not empty and is not a previous demo output (it has "
+                         f"no {MARKER} file); the demo replaces its output folder, so pass a new or empty folder "
+                         f"(default output/demo/)")
+
+
+def replace_output(output: Path) -> None:
+    """Make ``output`` (checked by ``check_output``) an empty folder holding only ``MARKER``."""
+    check_output(output)
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    (output / MARKER).write_text("made by python -m training.demo; the next run replaces this folder\n")
 
 
 def write_photo(path: Path, source: str | None) -> None:
@@ -91,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="override a workflow input, e.g. --set 5.steps=4 (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_output(args.output)
 
     prompt = json.loads(WORKFLOW.read_text())
     if args.models is None:
@@ -110,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--set {override}: the workflow has no input {name!r} on node {node!r}")
         prompt[node]["inputs"][name] = json.loads(value)
 
-    shutil.rmtree(args.output, ignore_errors=True)
+    replace_output(args.output)
     base = args.output / "comfyui"
     prepare_base_directory(base, models, args.image)
     personalize_node = next(k for k, v in prompt.items() if v["class_type"] == "DATEncoderPersonalize")
