@@ -13,7 +13,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
 from ..datencoder_core import Concept, DATEncoder, TuningConfig, load_encoder, personalize
-from . import paths
+from . import compat, paths
 from .backend import ComfyUIBackend
 from .conditioning import encode_with_concept
 from .patching import patch_model
@@ -187,11 +187,12 @@ class DATEncoderApplyConceptToken(io.ComfyNode):
 
 
 class DATEncoderExtension(ComfyExtension):
-    @override
-    async def on_load(self) -> None:
-        paths.register()
+    """The pack as ComfyUI loads it. Set-up happens in ``get_node_list``, which every release calls before
+    it builds any schema (ComfyUI before 0.30 never calls ``on_load``)."""
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DATEncoderLoader, DATEncoderPersonalize, DATEncoderLoadConcept, DATEncoderSaveConcept,
-                DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderApplyConceptToken]
+        paths.register()  # the Loader and Load Concept schemas list these folders
+        nodes = [DATEncoderLoader, DATEncoderPersonalize, DATEncoderLoadConcept, DATEncoderSaveConcept,
+                 DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderApplyConceptToken]
+        return compat.refuse_unsupported(nodes, compat.running_version())
