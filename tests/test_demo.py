@@ -14,7 +14,8 @@ QUICK = ["--set", "5.steps=2", "--set", "5.timesteps_per_step=1", "--set", "9.wi
          "--set", "10.steps=2"]
 
 
-def test_demo_runs_the_workflow_and_reports(demo_models_folder, tmp_path):
+def test_demo_runs_the_workflow_and_reports(demo_models_folder, tmp_path, comfyui_release, monkeypatch):
+    monkeypatch.setenv("COMFYUI_PATH", str(comfyui_release))  # the ComfyUI that `make demo` runs
     output = tmp_path / "demo"
     report = main(["--cache", str(demo_models_folder.parent), "--output", str(output), *QUICK])
 

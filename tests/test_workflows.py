@@ -1,5 +1,6 @@
 """The example workflows: the UI files are what the editor makes of their API twins under this server's
-/object_info, and the API twins run through POST /prompt on a real ComfyUI server."""
+/object_info, and the API twins run through POST /prompt on a real ComfyUI server, on each release the
+tests run, with the demo model set."""
 
 import json
 
@@ -20,10 +21,11 @@ def _load(name, api=False):
 
 
 @pytest.fixture(scope="module")
-def server(demo_models_folder, tmp_path_factory):
+def server(demo_models_folder, tmp_path_factory, comfyui_release):
     base = tmp_path_factory.mktemp("comfyui")
     prepare_base_directory(base, demo_models_folder, photo=None)
-    with ComfyUIServer(base, "--extra-model-paths-config", str(base / "extra_model_paths.yaml")) as running:
+    with ComfyUIServer(base, "--extra-model-paths-config", str(base / "extra_model_paths.yaml"),
+                       comfyui=comfyui_release) as running:
         yield running
 
 
