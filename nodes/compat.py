@@ -61,7 +61,8 @@ def unsupported_reason(version: str | None) -> str | None:
 
 def refusing(node: type, reason: str) -> type:
     """A subclass of the V3 node class ``node`` (same schema and node id) whose ``validate_inputs`` fails
-    with ``reason``: ComfyUI rejects a queued prompt that uses it, showing ``reason`` on the node."""
+    with ``reason``: ComfyUI rejects a queued prompt that uses it, showing ``reason`` on the node (once
+    per widget input: ComfyUI reports a failed validation for each input it passed in)."""
 
     def validate_inputs(cls, **inputs) -> str:
         return reason
