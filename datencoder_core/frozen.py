@@ -92,35 +92,43 @@ def _is_frozen(tensor: Tensor | None) -> bool:
     return tensor is None or tensor.is_inference() or not tensor.requires_grad
 
 
-def _frozen(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    return (torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad and weight is not None
-            and _is_frozen(weight) and _is_frozen(bias))
+def _frozen_call(plain, frozen, x, weight, bias, *args):
+    """``plain(x, weight, bias, *args)``, through the autograd function ``frozen`` when x needs a
+    gradient and the weights are frozen; without a graph when neither needs one (an inference weight
+    may still say ``requires_grad``, and autograd would try to save it)."""
+    if not (torch.is_grad_enabled() and weight is not None and _is_frozen(weight) and _is_frozen(bias)):
+        return plain(x, weight, bias, *args)
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    if isinstance(x, Tensor) and x.requires_grad:
+        return frozen(x, weight, bias, *args)
+    with torch.no_grad():
+        return plain(x, weight, bias, *args)
 
 
 def _linear(x, weight, bias=None):
-    if not _frozen(x, weight, bias):
-        return F.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias)
+    return _frozen_call(F.linear, _Linear.apply, x, weight, bias)
 
 
 def _conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    if not _frozen(x, weight, bias) or isinstance(padding, str):
+    if isinstance(padding, str):  # "same"/"valid": conv2d_input needs numbers; no host model uses it
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return _Conv2d.apply(x, weight, bias, stride, padding, dilation, groups)
+    return _frozen_call(F.conv2d, _Conv2d.apply, x, weight, bias, stride, padding, dilation, groups)
 
 
 def _group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-    if not _frozen(x, weight, bias):
-        return F.group_norm(x, num_groups, weight, bias, eps)
-    return _AffineNorm.apply(x, weight, bias, _GroupNorm(num_groups, eps),
-                             lambda x, w, b: F.group_norm(x, num_groups, w, b, eps))
+    def plain(x, w, b):
+        return F.group_norm(x, num_groups, w, b, eps)
+
+    return _frozen_call(plain, lambda x, w, b: _AffineNorm.apply(x, w, b, _GroupNorm(num_groups, eps), plain),
+                        x, weight, bias)
 
 
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    if not _frozen(x, weight, bias):
-        return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    return _AffineNorm.apply(x, weight, bias, _LayerNorm(normalized_shape, eps),
-                             lambda x, w, b: F.layer_norm(x, normalized_shape, w, b, eps))
+    def plain(x, w, b):
+        return F.layer_norm(x, normalized_shape, w, b, eps)
+
+    return _frozen_call(plain, lambda x, w, b: _AffineNorm.apply(x, w, b, _LayerNorm(normalized_shape, eps), plain),
+                        x, weight, bias)
 
 
 _HANDLERS = {F.linear: _linear, F.conv2d: _conv2d, F.group_norm: _group_norm, F.layer_norm: _layer_norm}

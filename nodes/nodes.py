@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from ..datencoder_core import (Concept, DATEncoder, DATEncoderError, TuningConfig, architecture_fingerprint,
                                load_encoder, personalize)
-from . import paths
+from . import compat, paths
 from .backend import ComfyUIBackend, check_sd1
 from .conditioning import encode_with_concept
 from .patching import comfy_sites, patch_model
@@ -231,11 +231,12 @@ class DATEncoderApplyConceptToken(io.ComfyNode):
 
 
 class DATEncoderExtension(ComfyExtension):
-    @override
-    async def on_load(self) -> None:
-        paths.register()
+    """The pack as ComfyUI loads it. Set-up happens in ``get_node_list``, which every release calls before
+    it builds any schema (ComfyUI before 0.30 never calls ``on_load``)."""
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DATEncoderLoader, DATEncoderPersonalize, DATEncoderLoadConcept, DATEncoderSaveConcept,
-                DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderApplyConceptToken]
+        paths.register()  # the Loader and Load Concept schemas list these folders
+        nodes = [DATEncoderLoader, DATEncoderPersonalize, DATEncoderLoadConcept, DATEncoderSaveConcept,
+                 DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderApplyConceptToken]
+        return compat.refuse_unsupported(nodes, compat.running_version())

@@ -13,8 +13,9 @@ CONCEPTS = "datencoder_concepts"  # models/datencoder_concepts/: saved concepts
 
 
 def register() -> None:
-    """Add ``models/datencoder`` and ``models/datencoder_concepts`` (first in the search order, after
-    any paths extra_model_paths.yaml gave these keys); list .safetensors only."""
+    """Add ``models/datencoder`` and ``models/datencoder_concepts`` (first in the search order; paths
+    that extra_model_paths.yaml gave these keys stay, after them); list .safetensors only. Idempotent.
+    Must run before any node schema is built: the Loader and Load Concept schemas list these keys."""
     for key in (ENCODERS, CONCEPTS):
         folder_paths.add_model_folder_path(key, os.path.join(folder_paths.models_dir, key), is_default=True)
         paths, _ = folder_paths.folder_names_and_paths[key]

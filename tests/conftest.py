@@ -1,11 +1,23 @@
-"""Shared fixtures: tiny random SD1.5-structured models (built in code, nothing downloaded) and a real photo."""
+"""Shared fixtures: tiny random SD1.5-structured models (built in code, nothing downloaded), a real photo,
+and the ComfyUI releases that server tests run on."""
 
 import numpy as np
 import pytest
 import torch
 from skimage import data
 
+from training.comfyui import comfyui_releases, comfyui_version
 from training.models import build_random_models
+
+
+def pytest_generate_tests(metafunc):
+    """A test (or fixture) that takes ``comfyui_release`` runs once per ComfyUI checkout in
+    ``COMFYUI_RELEASES`` (``make test``: 0.30.0 and 0.3.75), with ids such as ``comfyui-0.3.75``. The
+    parameter is module-scoped, so a module's server fixture starts once per release."""
+    if "comfyui_release" in metafunc.fixturenames:
+        releases = comfyui_releases()
+        metafunc.parametrize("comfyui_release", releases, scope="module",
+                             ids=[f"comfyui-{comfyui_version(path)}" for path in releases])
 
 
 @pytest.fixture(scope="session")

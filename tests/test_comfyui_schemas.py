@@ -8,7 +8,6 @@ from training.comfyui import pack_module
 
 def test_execute_parameters_equal_schema_inputs():
     extension = pack_module("nodes.nodes").DATEncoderExtension()
-    asyncio.run(extension.on_load())
     nodes = asyncio.run(extension.get_node_list())
     assert len(nodes) == 7
     for node in nodes:

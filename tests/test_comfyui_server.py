@@ -1,4 +1,5 @@
-"""The pack in a real ComfyUI server (main.py --cpu): registration, and prompts through POST /prompt."""
+"""The pack in a real ComfyUI server (main.py --cpu), on each release the tests run: registration, and
+prompts through POST /prompt."""
 
 import json
 import os
@@ -29,7 +30,7 @@ TUNING = TuningConfig(steps=7, lr=1e-3, alpha_blend=0.5, seed=3)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, comfyui_release):
     base = tmp_path_factory.mktemp("comfyui")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "comfyui-datencoder").symlink_to(REPO)
@@ -43,7 +44,7 @@ def server(tmp_path_factory):
     encoders.mkdir()
     (encoders / "broken.safetensors").write_bytes(b"not a safetensors file")
     (encoders / "a_concept.safetensors").write_bytes((concepts / "cat.safetensors").read_bytes())
-    with ComfyUIServer(base) as running:
+    with ComfyUIServer(base, comfyui=comfyui_release) as running:
         yield running
 
 
@@ -157,10 +158,11 @@ def _get(url):
         return json.loads(response.read())
 
 
-def test_make_comfyui_serves_the_editor_with_the_pack(tmp_path):
+def test_make_comfyui_serves_the_editor_with_the_pack(tmp_path, comfyui_release):
     """The README's `make comfyui`, on another port and base directory, until /object_info answers."""
     port = free_port()
-    process = subprocess.Popen(["make", "--no-print-directory", "comfyui", f"PORT={port}", f"COMFYUI_HOME={tmp_path}"],
+    process = subprocess.Popen(["make", "--no-print-directory", "comfyui", f"PORT={port}", f"COMFYUI_HOME={tmp_path}",
+                                f"COMFYUI_PATH={comfyui_release}"],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         for _ in range(240):

@@ -73,3 +73,17 @@ def test_trainable_weights_are_left_to_autograd():
     with frozen_weights():
         model(torch.randn(1, 4, 8, 8)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_inference_weights_that_say_requires_grad_on_inputs_without_grad(models):
+    """An inference weight may carry requires_grad=True (an nn.Parameter made in inference mode); on an
+    input that needs no gradient the layer then runs without a graph, instead of autograd trying to
+    save the weight."""
+    _, inference = models
+    assert all(p.requires_grad for p in inference.parameters())
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        inference(x)
+    with frozen_weights():
+        out = inference(x)
+    assert not out.requires_grad and torch.equal(out, models[0](x))

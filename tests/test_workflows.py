@@ -1,5 +1,6 @@
 """The example workflows: the UI files are what the editor makes of their API twins under this server's
-/object_info, and the API twins run through POST /prompt on a real ComfyUI server."""
+/object_info, and the API twins run through POST /prompt on a real ComfyUI server, on each release the
+tests run, with the demo model set."""
 
 import json
 
@@ -20,10 +21,11 @@ def _load(name, api=False):
 
 
 @pytest.fixture(scope="module")
-def server(demo_models_folder, tmp_path_factory):
+def server(demo_models_folder, tmp_path_factory, comfyui_release):
     base = tmp_path_factory.mktemp("comfyui")
     prepare_base_directory(base, demo_models_folder, photo=None)
-    with ComfyUIServer(base, "--extra-model-paths-config", str(base / "extra_model_paths.yaml")) as running:
+    with ComfyUIServer(base, "--extra-model-paths-config", str(base / "extra_model_paths.yaml"),
+                       comfyui=comfyui_release) as running:
         yield running
 
 
@@ -62,7 +64,11 @@ def test_ui_workflow_is_its_api_twin_under_object_info(server, name):
     assert {node["type"] for node in workflow["nodes"]} <= set(object_info)
     for node in workflow["nodes"]:  # outputs as /object_info declares them, listing exactly their links
         info = object_info[node["type"]]
-        assert [(o["name"], o["type"]) for o in node["outputs"]] == list(zip(info["output_name"], info["output"]))
+        declared = list(zip(info["output_name"], info["output"]))
+        # The files are saved by the 0.30.0 editor; an older release may declare fewer outputs (0.3.75's
+        # SaveImage has none), which its editor keeps as unlinked slots.
+        assert [(o["name"], o["type"]) for o in node["outputs"]][:len(declared)] == declared
+        assert not any(o["links"] for o in node["outputs"][len(declared):])
         for slot, output in enumerate(node["outputs"]):
             assert sorted(output["links"]) == sorted(link[0] for link in workflow["links"]
                                                      if link[1] == node["id"] and link[2] == slot)
@@ -70,11 +76,12 @@ def test_ui_workflow_is_its_api_twin_under_object_info(server, name):
 
 
 def _quick(prompt: dict) -> dict:
-    """The twin on the demo set at test cost: 2 tuning steps of 1 timestep, 2 sampling steps, 256 px."""
+    """The twin on the demo set at test cost: 2 tuning steps of 1 timestep, 2 sampling steps, 128 px (the
+    demo set's VAE is the full SD one: decoding 2 images at 256 px took 39 s on 2 busy CPU cores)."""
     use_demo_models(prompt)
     for node in prompt.values():
         settings = {"DATEncoderPersonalize": {"steps": 2, "timesteps_per_step": 1}, "KSampler": {"steps": 2},
-                    "EmptyLatentImage": {"width": 256, "height": 256}}.get(node["class_type"], {})
+                    "EmptyLatentImage": {"width": 128, "height": 128}}.get(node["class_type"], {})
         node["inputs"].update(settings)
     return prompt
 
@@ -90,7 +97,7 @@ def test_api_workflows_personalize_save_then_reuse_and_export(server):
     prompt = _quick(_load("personalize_and_generate", api=True))
     first = server.run(prompt, on_text=lambda n, t: texts.append((n, t)))
     images = _images(base, first)
-    assert len(images) == 2 and all(i.shape == (256, 256, 3) for i in images)
+    assert len(images) == 2 and all(i.shape == (128, 128, 3) for i in images)
     assert [t.split("  loss")[0] for n, t in texts if n == "5"] == ["step 1/2", "step 2/2"]  # the loss, live
     nearest = first.history["outputs"]["5"]["text"][0]
     saved = Concept.load(base / "models" / "datencoder_concepts" / "my_concept.safetensors")
@@ -100,7 +107,7 @@ def test_api_workflows_personalize_save_then_reuse_and_export(server):
 
     second = server.run(_quick(_load("save_and_reuse_concept", api=True)))
     images = _images(base, second)
-    assert len(images) == 2 and all(i.shape == (256, 256, 3) for i in images)
+    assert len(images) == 2 and all(i.shape == (128, 128, 3) for i in images)
     shown = second.history["outputs"]["2"]["text"][0].splitlines()  # Load Concept: the word, then provenance
     assert shown[0] == nearest and shown[1].startswith("tuning: steps=2, lr=0.002, alpha_blend=0.25, ")
     assert (base / "models" / "loras" / "my_concept.safetensors").is_file()

@@ -1,6 +1,7 @@
-"""The real ComfyUI (``COMFYUI_PATH``; ``make setup`` fetches 0.30.0), two ways: as a library in this
-process, with this repository loaded into it as a package the way ComfyUI loads a custom node; and as
-a server (``ComfyUIServer``) that runs API-format prompts."""
+"""The real ComfyUI, two ways: as a library in this process (``COMFYUI_PATH``; ``make setup`` fetches
+0.30.0), with this repository loaded into it as a package the way ComfyUI loads a custom node; and as
+a server (``ComfyUIServer``, any checkout: the tests run every one in ``COMFYUI_RELEASES``) that runs
+API-format prompts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -27,11 +29,33 @@ PACK = "datencoder_pack"
 
 def comfyui_path() -> Path:
     """``$COMFYUI_PATH``, checked to be a ComfyUI checkout."""
-    path = Path(os.environ.get("COMFYUI_PATH", ""))
+    return checked_comfyui(Path(os.environ.get("COMFYUI_PATH", "")), "COMFYUI_PATH=")
+
+
+def checked_comfyui(path: Path, named: str = "") -> Path:
+    """``path`` if it is a ComfyUI checkout (has ``main.py``); ``named`` says where it came from."""
     if not (path / "main.py").is_file():
-        raise FileNotFoundError(f"COMFYUI_PATH={str(path)!r} has no main.py: run through 'make' (which fetches "
-                                f"ComfyUI 0.30.0) or point COMFYUI_PATH at a ComfyUI checkout")
+        raise FileNotFoundError(f"{named}{str(path)!r} has no main.py: run through 'make' (which fetches "
+                                f"ComfyUI 0.30.0 and 0.3.75) or point COMFYUI_PATH at a ComfyUI checkout")
     return path
+
+
+def comfyui_releases() -> list[Path]:
+    """The ComfyUI checkouts that the server tests run on: ``$COMFYUI_RELEASES``, paths separated by
+    ``:`` (``make test`` gives 0.30.0 and 0.3.75), else ``$COMFYUI_PATH`` alone."""
+    listed = os.environ.get("COMFYUI_RELEASES", "")
+    if not listed:
+        return [comfyui_path()]
+    return [checked_comfyui(Path(path), "COMFYUI_RELEASES entry ") for path in listed.split(":") if path]
+
+
+def comfyui_version(path: Path) -> str:
+    """The release of the ComfyUI checkout ``path``: ``__version__`` in its ``comfyui_version.py``."""
+    text = (Path(path) / "comfyui_version.py").read_text()
+    match = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.MULTILINE)
+    if match is None:
+        raise ValueError(f"{path}/comfyui_version.py: expected a line __version__ = \"X.Y.Z\"")
+    return match.group(1)
 
 
 def import_comfyui() -> None:
@@ -106,15 +130,16 @@ class WorkflowRun:
 
 
 class ComfyUIServer:
-    """ComfyUI's ``main.py`` as a subprocess on a free local port, with ``base_directory`` as its base
-    (``custom_nodes/``, ``input/``, ``models/``, ...) and its log in ``base_directory/comfyui.log``.
-    GPU when there is one, else ``--cpu``."""
+    """The ``main.py`` of the ComfyUI checkout ``comfyui`` (default ``$COMFYUI_PATH``) as a subprocess on
+    a free local port, with ``base_directory`` as its base (``custom_nodes/``, ``input/``, ``models/``, ...)
+    and its log in ``base_directory/comfyui.log``. GPU when there is one, else ``--cpu``."""
 
     STARTUP_SECONDS = 180
 
-    def __init__(self, base_directory: Path, *extra_args: str):
+    def __init__(self, base_directory: Path, *extra_args: str, comfyui: Path | None = None):
         self.base = Path(base_directory)
         self.extra_args = extra_args
+        self.comfyui = comfyui_path() if comfyui is None else checked_comfyui(Path(comfyui))
         self.process: subprocess.Popen | None = None
         self.url = ""
 
@@ -127,7 +152,7 @@ class ComfyUIServer:
             self.process = subprocess.Popen(
                 [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
                  str(self.base.resolve()), "--database-url", "sqlite:///:memory:", *device, *self.extra_args],
-                cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT)
+                cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.STARTUP_SECONDS
         while True:
             try:

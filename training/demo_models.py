@@ -3,9 +3,9 @@
 ``make demo`` without your model files runs the example workflow on these, so it needs no download:
 * ``checkpoints/datencoder_demo_sd15.safetensors``: an SD1.5 single-file checkpoint that Load Checkpoint
   detects as SD1.5. Detection fixes the UNet width (320) and context (768), the full CLIP-L text encoder
-  and the VAE encoder; the rest is cut down so it runs on a CPU: one res block per level, channel_mult
-  (1, 1, 1, 1), attention at levels 1 and 2 and in the middle block (7 transformer blocks, 42 LoRA
-  sites), a narrow VAE decoder.
+  and the full SD VAE (ComfyUI before 0.30 builds the standard decoder whatever width the file holds);
+  the UNet is cut down so it runs on a CPU: one res block per level, channel_mult (1, 1, 1, 1), attention
+  at levels 1 and 2 and in the middle block (7 transformer blocks, 42 LoRA sites).
 * ``clip_vision/datencoder_demo_vit_h14.safetensors``: a full-size ViT-H-14 (Load CLIP Vision chooses its
   config by layer count), float16, 1.2 GB.
 * ``datencoder/datencoder_demo.safetensors``: a DATEncoder for that checkpoint.
@@ -21,7 +21,7 @@ import torch
 
 from training.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
 
-VERSION = 1  # bump when the files change, so caches are rebuilt
+VERSION = 2  # bump when the files change, so caches are rebuilt (2: the standard-width VAE decoder)
 CHECKPOINT = "datencoder_demo_sd15.safetensors"
 CLIP_VISION = "datencoder_demo_vit_h14.safetensors"
 ENCODER = "datencoder_demo.safetensors"
@@ -34,9 +34,8 @@ UNET_CONFIG = {
     "adm_in_channels": None, "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False,
     "use_temporal_resblock": False, "use_temporal_attention": False, "image_size": 32,
 }
-VAE_ENCODER = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-VAE_DECODER_CHANNELS = 32
+VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
 def ensure_demo_models(cache_dir: Path) -> Path:
@@ -75,8 +74,7 @@ def write_demo_models(folder: Path, seed: int = 0) -> None:
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     clip = comfy.sd.CLIP(model_config.clip_target(), model_options={"dtype": torch.float16})
     seeded_random_init(clip.cond_stage_model, seed + 1)
-    vae_model = AutoencoderKL(ddconfig=VAE_ENCODER, embed_dim=4,
-                              decoder_ddconfig=dict(VAE_ENCODER, ch=VAE_DECODER_CHANNELS))
+    vae_model = AutoencoderKL(ddconfig=VAE_CONFIG, embed_dim=4)
     seeded_random_init(vae_model, seed + 2)
     vae = comfy.sd.VAE(sd=vae_model.half().state_dict())  # ComfyUI's own VAE detection must accept it
     comfy.sd.save_checkpoint(str(folder / "checkpoints" / CHECKPOINT), patcher, clip, vae,
