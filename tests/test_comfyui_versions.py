@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from comfyui_runtime import REPO, comfyui_path, pack_module
+from training.comfyui import REPO, comfyui_path, pack_module
 from training.comfyui import comfyui_version
 
 
