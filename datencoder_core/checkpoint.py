@@ -136,14 +136,19 @@ def save_encoder(encoder: DATEncoder, path: str | os.PathLike, name: str = "date
 
 
 def load_encoder(path: str | os.PathLike) -> tuple[DATEncoder, str]:
-    """Read an encoder file written by ``save_encoder``: (encoder in eval mode, encoder_id)."""
+    """Read an encoder file written by ``save_encoder``: (encoder in eval mode, encoder_id). The header's
+    base fingerprint must be that of its sites; Personalize Concept compares it with the MODEL's."""
     tensors, metadata = read_safetensors(path, ENCODER_FORMAT, (ENCODER_FORMAT_VERSION,))
     try:
         config = EncoderConfig.from_dict(json.loads(metadata["encoder_config"]))
         lora_config = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
         sites = tuple(LoRASite(n, i, o) for n, i, o in json.loads(metadata["sites"]))
+        stored_fingerprint = metadata["base_fingerprint"]
     except (KeyError, TypeError, ValueError) as error:
         raise DATEncoderError(f"{path}: damaged encoder header ({error})") from None
+    if stored_fingerprint != architecture_fingerprint(sites, config.token_dim):
+        raise DATEncoderError(f"{path}: damaged encoder header: its base_fingerprint {stored_fingerprint} does not "
+                              f"match its own sites ({architecture_fingerprint(sites, config.token_dim)})")
     encoder = DATEncoder(config, lora_config, sites)
     try:
         encoder.load_state_dict(tensors)

@@ -130,3 +130,16 @@ def test_bad_lora_config():
 def test_prompt_too_long(backend):
     with pytest.raises(DATEncoderError, match="tokens long; the text encoder takes 77"):
         backend.encode_prompt("a very long prompt " * 10 + "{}", 70)
+
+
+def test_encoder_header_whose_fingerprint_is_not_its_own(encoder, tmp_path):
+    """The stored base fingerprint is checked against the header's sites, so it can be trusted."""
+    from safetensors import safe_open
+
+    path = tmp_path / "enc.safetensors"
+    save_encoder(encoder, path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**metadata, "base_fingerprint": "0123456789abcdef"})
+    with pytest.raises(DATEncoderError, match="damaged encoder header: its base_fingerprint 0123456789abcdef does not"):
+        load_encoder(path)
