@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     with Measure(device) as measured, LiveTensorBytes() as live:
         concept = personalize()
     extra = measured.peak_bytes - measured.start_bytes
-    print(f"personalization ({args.steps} steps x {args.batch} timesteps, {image_size} px): {measured.seconds:.2f} s; "
+    print(f"personalization ({args.steps} steps x {args.batch} timesteps, 512 px as the node runs): "
+          f"{measured.seconds:.2f} s; "
           f"peak memory beyond the loaded models / UNet bytes: {measured.what} {extra / unet_bytes:.3f} "
           f"({extra / 2**20:.0f} MiB), live tensors {live.peak_bytes / unet_bytes:.3f} "
           f"({live.peak_bytes / 2**20:.0f} MiB)")
