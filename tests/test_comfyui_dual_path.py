@@ -72,7 +72,7 @@ def test_input_model_is_untouched(comfy, backend, concept):
         [after] = comfy_noise_prediction(patcher, [[[soft, {}]]], latents, t)
     assert torch.equal(before, after)
     assert not torch.allclose(before, during, atol=1e-4)
-    assert patcher.object_patches == {} and "model_function_wrapper" not in patcher.model_options
+    assert patcher.object_patches == {} and patcher.wrappers == {}  # the patches went on the clone only
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])

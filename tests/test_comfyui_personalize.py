@@ -52,7 +52,7 @@ def test_personalize_makes_a_concept_and_leaves_inputs_untouched(stack, cat_imag
     assert any(b.abs().sum() > 0 for b in concept.lora.up.values())
     after = _fingerprints(stack)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    assert stack[1].object_patches == {}
+    assert stack[1].object_patches == {} and stack[1].wrappers == {}
 
 
 def test_same_inputs_and_seed_give_the_same_concept(stack, cat_image):
