@@ -37,6 +37,10 @@ class DiffusersReferenceBackend:
         self._original_processors = unet.attn_processors
         unet.set_attn_processor(dual_path_processors(list(self._original_processors), self.sites))
         self._empty_context = None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._tokenizer_spec = TokenizerSpec(lambda text: tokenizer(text, add_special_tokens=False).input_ids,
+                                             tokenizer.bos_token_id, tokenizer.eos_token_id, pad,
+                                             text_encoder.config.max_position_embeddings)
 
     def remove(self) -> None:
         """Put the UNet's original attention processors back."""
@@ -69,11 +73,7 @@ class DiffusersReferenceBackend:
         return unet.mid_block(h, emb, encoder_hidden_states=context)
 
     def prompt_ids(self, template: str) -> PromptIds:
-        tok = self.tokenizer
-        spec = TokenizerSpec(lambda text: tok(text, add_special_tokens=False).input_ids, tok.bos_token_id,
-                             tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                             self.text_encoder.config.max_position_embeddings)
-        return prompt_ids(template, spec)
+        return prompt_ids(template, self._tokenizer_spec)
 
     def _encode_ids(self, ids: list[int], slot: int | None = None, embedding: Tensor | None = None) -> Tensor:
         ids = torch.tensor([ids], device=self.device)

@@ -30,6 +30,7 @@ from ..datencoder_core import DATEncoderError, DualPathState
 from ..datencoder_core.frozen import frozen_weights
 from ..datencoder_core.images import vae_preprocess
 from ..datencoder_core.prompts import PromptIds, TokenizerSpec, prompt_ids
+from .conditioning import placeholder_ids
 from .patching import STATE_KEY, with_dual_path_attention
 
 
@@ -73,7 +74,8 @@ class ComfyUIBackend:
 
         self.text_model = clip.cond_stage_model.clip_l.transformer.text_model
         empty = [int(t) for t, *_ in clip.tokenize("")["l"][0]]  # start, end, padding
-        self._tokenizer = TokenizerSpec(self._tokenize, empty[0], empty[1], empty[2], len(empty))
+        self._tokenizer = TokenizerSpec(lambda text: placeholder_ids(clip, text), empty[0], empty[1], empty[2],
+                                       len(empty))
         self.special_token_ids = (empty[0], empty[1])
         self._inv_vocab = clip.tokenizer.clip_l.inv_vocab
         self._layers = self._text_layers(clip.layer_idx, len(self.text_model.encoder.layers))
@@ -93,11 +95,6 @@ class ComfyUIBackend:
     @property
     def token_embeddings(self) -> Tensor:
         return self.text_model.embeddings.token_embedding.weight
-
-    def _tokenize(self, text: str) -> list[int]:
-        [chunk] = self.clip.tokenize(text)["l"]
-        ids = [int(t) for t, *_ in chunk]
-        return ids[1:ids.index(self._tokenizer.end, 1)]
 
     @torch.no_grad()
     def encode_latents(self, images: Tensor) -> Tensor:

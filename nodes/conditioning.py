@@ -13,7 +13,8 @@ from .patching import HARD_CONTEXT_KEY
 
 
 def placeholder_ids(clip, placeholder: str) -> list[int]:
-    """The token ids the placeholder alone tokenizes to, between the start and the end token."""
+    """The token ids the placeholder (or any short text) alone tokenizes to, between the start and the
+    end token."""
     [chunk] = next(iter(clip.tokenize(placeholder).values()))
     ids = [int(token) for token, *_ in chunk]
     return ids[1:ids.index(ids[-1], 1)]  # SD1 pads with the end token

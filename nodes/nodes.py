@@ -16,7 +16,7 @@ from typing_extensions import override
 from ..datencoder_core import (Concept, DATEncoder, DATEncoderError, TuningConfig, architecture_fingerprint,
                                load_encoder, personalize)
 from . import compat, paths
-from .backend import ComfyUIBackend, check_sd1
+from .backend import ComfyUIBackend
 from .conditioning import encode_with_concept
 from .patching import comfy_sites, patch_model
 
@@ -100,10 +100,9 @@ class DATEncoderPersonalize(io.ComfyNode):
 
                 PromptServer.instance.send_progress_text(f"step {step}/{total}  loss {loss:.4f}", node_id)
 
-        check_sd1(model, clip)
-        datencoder.check_base_model(model)
         with torch.inference_mode(False), torch.enable_grad():
-            backend = ComfyUIBackend(model, clip, vae, clip_vision, extra_models=[datencoder.patcher])
+            backend = ComfyUIBackend(model, clip, vae, clip_vision, extra_models=[datencoder.patcher])  # loads nothing
+            datencoder.check_base_model(model)
             concept = personalize(backend, datencoder.encoder, datencoder.encoder_id, image, config,
                                   progress=progress,
                                   interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
