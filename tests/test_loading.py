@@ -1,0 +1,150 @@
+"""Loading the user's model files for training (``training.loading``): the features the training side
+computes from a file equal what Personalize Concept computes in ComfyUI from the same file and image,
+and each wrong file is refused with its name.
+
+The files are written by ComfyUI's own savers from ComfyUI's own model classes with random tiny weights:
+an SD1.x checkpoint in the original LDM key layout (``comfy.sd.save_checkpoint``, the layout of
+``v1-5-pruned-emaonly.safetensors``) and a clip_vision file in transformers' keys (float16, as the
+IP-Adapter file). The loader gets a config folder of the same tiny shapes (``config=``,
+``vision_model=``); the shipped SD1.5 / ViT-H-14 shapes are checked by the full-size ViT-H test and the
+error tests.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from training.comfy_models import (comfy_model_from_diffusers, comfy_noise_prediction, comfy_vae_from_diffusers,
+                                   random_comfy_clip, random_comfy_clip_vision)
+from training.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
+
+from datencoder_core import DATEncoderError
+from training.loading import SD15_CONFIG, load_reference_models, load_vision_tower
+from training.models import build_random_models, sd15_alphas_cumprod
+
+# The tiny ViT of random_comfy_clip_vision (width 32, 2 layers of 2 heads, MLP 37) as an open_clip config.
+TINY_VIT = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "mlp_ratio": 37 / 32,
+                                            "patch_size": 14, "image_size": 224}}
+# The tiny CLIP-L of random_comfy_clip, as a transformers config.
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """ComfyUI's models (MODEL, CLIP, VAE, CLIP vision), the checkpoint and clip_vision files ComfyUI wrote
+    from them, and a config folder of their shapes in the shipped folder's layout."""
+    import_comfyui()
+    import comfy.sd
+    import comfy.utils
+
+    folder = tmp_path_factory.mktemp("files")
+    tiny = build_random_models("tiny", seed=0)
+    with torch.inference_mode():
+        patcher = comfy_model_from_diffusers(tiny.unet)
+        clip = random_comfy_clip(seed=1)
+        vae = comfy_vae_from_diffusers(tiny.vae)
+        comfy.sd.save_checkpoint(str(folder / "tiny_sd15.safetensors"), patcher, clip, vae)
+        writer = random_comfy_clip_vision(folder, seed=2)  # float16 weights, as ComfyUI keeps them on a CPU
+        comfy.utils.save_torch_file(writer.get_sd(), str(folder / "tiny_vit.safetensors"))
+    config = folder / "config"
+    shutil.copytree(SD15_CONFIG, config)
+    tiny.unet.save_config(config / "unet")
+    tiny.vae.save_config(config / "vae")
+    text = json.loads((config / "text_encoder" / "config.json").read_text())
+    (config / "text_encoder" / "config.json").write_text(json.dumps({**text, **TINY_TEXT}))
+    return {"folder": folder, "patcher": patcher, "clip": clip, "vae": vae, "config": config,
+            "checkpoint": folder / "tiny_sd15.safetensors", "vit": folder / "tiny_vit.safetensors",
+            "vit_json": folder / "clip_vision_tiny.json"}
+
+
+@pytest.fixture(scope="module")
+def loaded(files):
+    return load_reference_models(files["checkpoint"], files["vit"], config=files["config"], vision_model=TINY_VIT)
+
+
+def test_the_files_have_the_layouts_users_have(files):
+    """The checkpoint is in the original LDM layout, the clip_vision file in transformers' keys."""
+    from safetensors import safe_open
+
+    with safe_open(str(files["checkpoint"]), "pt") as f:
+        keys = set(f.keys())
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"} <= keys
+    with safe_open(str(files["vit"]), "pt") as f:
+        assert "vision_model.encoder.layers.1.self_attn.q_proj.weight" in f.keys()
+
+
+def test_features_equal_personalize_concepts(files, loaded, cat_image):
+    """CLIP tokens (before the final LayerNorm) and UNet mid-block features from the loaded files equal
+    the ComfyUI backend's (Personalize Concept's ``image_features``), on ComfyUI's CLIP vision model
+    reading the same clip_vision file, for the same image, latent and timestep; so do the VAE latents.
+    Tolerance 1e-4 relative to the largest value (float32 on both sides, float16 weights). A wrong key
+    map (e.g. k and v swapped in ``in_proj``) or the tokens after ``ln_post`` fail this (checked by hand)."""
+    import comfy.clip_vision
+    import comfy.utils
+
+    comfy_vision = comfy.clip_vision.ClipVisionModel(str(files["vit_json"]))
+    missing, unexpected = comfy_vision.load_sd(comfy.utils.load_torch_file(str(files["vit"])))
+    assert not missing and not unexpected
+    with torch.inference_mode(False):
+        comfy = pack_module("nodes.backend").ComfyUIBackend(files["patcher"], files["clip"], files["vae"],
+                                                            comfy_vision)
+    reference = loaded.backend()
+    try:
+        noisy, t = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(4)), torch.tensor([500])
+        with torch.no_grad():
+            theirs = comfy.image_features(cat_image, noisy, t)
+            ours = reference.image_features(cat_image, noisy, t)
+            latents = (comfy.encode_latents(cat_image), reference.encode_latents(cat_image))
+    finally:
+        reference.remove()
+    assert ours[0].shape == (1, 1 + 16 * 16, 32) and ours[1].shape == (1, 64, 8, 8)
+    for mine, comfys in (*zip(ours, theirs), latents[::-1]):
+        torch.testing.assert_close(mine, comfys, rtol=0, atol=1e-4 * comfys.abs().max().item())
+
+
+def test_noise_prediction_equals_comfyuis(files, loaded, cat_image):
+    """The loaded UNet's eps equals ComfyUI's for the same latents, timesteps and context (through
+    ComfyUI's sampling path), and the loaded text encoder gives ComfyUI's context. Tolerance 1e-4 of the
+    largest value; a UNet loaded with a wrong layer order fails it."""
+    g = torch.Generator().manual_seed(5)
+    latents, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([100, 700])
+    tokens = loaded.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        context = loaded.text_encoder(tokens.input_ids).last_hidden_state
+        comfy_context = files["clip"].encode_from_tokens(files["clip"].tokenize("a photo of a cat"))
+        ours = loaded.unet(latents, t, encoder_hidden_states=context.expand(2, -1, -1)).sample
+        [theirs] = comfy_noise_prediction(files["patcher"], [[[comfy_context, {}]]], latents, t)
+    torch.testing.assert_close(context, comfy_context, rtol=0, atol=1e-4 * comfy_context.abs().max().item())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
+    assert ours.abs().max() > 0.1
+
+
+def test_reference_models_are_sized_from_the_files(loaded):
+    assert loaded.image_size == 512
+    assert (loaded.encoder_config.clip_dim, loaded.encoder_config.unet_dim, loaded.encoder_config.token_dim) == (
+        32, 64, 32)
+    torch.testing.assert_close(loaded.alphas_cumprod, sd15_alphas_cumprod(), rtol=0, atol=0)
+    assert len(loaded.tokenizer) == 49408 and loaded.tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+
+
+def test_a_diffusers_folder_round_trip(files, loaded, tmp_path):
+    """A diffusers folder (``save_pretrained``) loads to the same weights as the single file."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(loaded.vae, loaded.text_encoder, loaded.tokenizer, loaded.unet,
+                            _ddpm(files["config"]), None, None, requires_safety_checker=False
+                            ).save_pretrained(tmp_path / "pipeline")
+    again = load_reference_models(tmp_path / "pipeline", files["vit"], config=files["config"], vision_model=TINY_VIT)
+    for name in ("unet", "vae", "text_encoder", "vision_tower"):
+        theirs, ours = getattr(loaded, name).state_dict(), getattr(again, name).state_dict()
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs), name
+    assert again.tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
+
+
+def _ddpm(config):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(config / "scheduler")
