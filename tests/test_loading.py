@@ -148,3 +148,94 @@ def _ddpm(config):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_pretrained(config / "scheduler")
+
+
+def test_a_full_size_vit_h_14_file_loads_with_the_shipped_config(tmp_path, cat_image):
+    """The user's path: a ViT-H-14 clip_vision file (ComfyUI's layout, float16) loads with the default
+    ``vision_model`` (open_clip's ViT-H-14: 16 heads of 80) and gives the tokens ComfyUI's own loader
+    (``comfy.clip_vision.load``) gives for the same file. Tolerance 1e-4 of the largest value; about 30 s
+    and 6 GB on a CPU."""
+    import_comfyui()
+    import comfy.clip_vision
+    import comfy.utils
+
+    with torch.inference_mode():
+        writer = comfy.clip_vision.ClipVisionModel(str(comfyui_path() / "comfy" / "clip_vision_config_h.json"))
+        seeded_random_init(writer.model, 3)
+        comfy.utils.save_torch_file(writer.get_sd(), str(tmp_path / "vit_h14.safetensors"))
+    del writer
+    tower = load_vision_tower(tmp_path / "vit_h14.safetensors")
+    with torch.no_grad():
+        ours = pack_module("datencoder_core.reference").open_clip_tokens(tower, cat_image)
+    del tower
+    with torch.no_grad():
+        theirs = comfy.clip_vision.load(str(tmp_path / "vit_h14.safetensors")).encode_image(cat_image)[
+            "last_hidden_state"]
+    assert ours.shape == (1, 1 + 16 * 16, 1280)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
+
+
+def _checkpoint(path, **tensors):
+    save_file({key: torch.zeros(shape) for key, shape in tensors.items()}, str(path))
+    return path
+
+
+UNET = "model.diffusion_model."
+SD1_KEYS = {f"{UNET}input_blocks.0.0.weight": (320, 4, 3, 3),
+            f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (4, 768)}
+
+
+@pytest.mark.parametrize("name, tensors, found", [
+    ("sdxl.safetensors", {**SD1_KEYS, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,)},
+     "an SDXL checkpoint"),
+    ("sd21.safetensors", {**SD1_KEYS, f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
+     "text context width 1024"),
+    ("inpainting.safetensors", {**SD1_KEYS, f"{UNET}input_blocks.0.0.weight": (320, 9, 3, 3)}, "9 input channels"),
+    ("lora.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)},
+     "no SD1.x UNet weights"),
+])
+def test_a_checkpoint_that_is_not_sd1_is_refused_by_name(tmp_path, files, name, tensors, found):
+    path = _checkpoint(tmp_path / name, **tensors)
+    with pytest.raises(DATEncoderError) as error:
+        load_reference_models(path, files["vit"])
+    assert str(path) in str(error.value) and found in str(error.value) and "expected an SD1.x model" in str(
+        error.value)
+
+
+def test_files_that_are_not_checkpoints_are_refused_by_name(tmp_path, files):
+    garbage = tmp_path / "notes.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    pickle = tmp_path / "v1-5-pruned-emaonly.ckpt"
+    pickle.write_bytes(b"PK")
+    sdxl_folder = tmp_path / "sdxl"
+    sdxl_folder.mkdir()
+    (sdxl_folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    for path, found in ((garbage, "not safetensors"), (pickle, "a .ckpt file"),
+                        (sdxl_folder, "a StableDiffusionXLPipeline folder"),
+                        (tmp_path, "without model_index.json")):
+        with pytest.raises(DATEncoderError, match="expected an SD1.x model") as error:
+            load_reference_models(path, files["vit"])
+        assert str(path) in str(error.value) and found in str(error.value), str(error.value)
+
+
+def test_missing_files_are_named_before_anything_loads(tmp_path, files):
+    with pytest.raises(DATEncoderError, match=f"{tmp_path / 'absent.safetensors'} does not exist: expected the SD1"):
+        load_reference_models(tmp_path / "absent.safetensors", files["vit"])
+    with pytest.raises(DATEncoderError, match=f"{tmp_path / 'absent_vit.safetensors'} does not exist: expected the "
+                                              f"CLIP ViT-H-14"):
+        load_reference_models(files["checkpoint"], tmp_path / "absent_vit.safetensors")
+
+
+def test_a_wrong_clip_vision_file_is_refused_by_name(tmp_path, files):
+    """A smaller ViT (the tiny file against ViT-H-14), a file of other keys (the SD checkpoint) and garbage."""
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    for path, found in ((files["vit"], "found another model"), (files["checkpoint"], "found no CLIP vision keys"),
+                        (garbage, "not safetensors")):
+        with pytest.raises(DATEncoderError, match="expected a CLIP vision model with 32 layers of width 1280") as error:
+            load_vision_tower(path)
+        assert str(path) in str(error.value) and found in str(error.value), str(error.value)
+    with pytest.raises(DATEncoderError) as error:
+        load_vision_tower(files["vit"])
+    assert "class_embedding has shape (32,), expected (1280,)" in str(error.value)

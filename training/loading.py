@@ -159,7 +159,8 @@ def load_vision_tower(path: Path, *, vision_model: dict = VIT_H_14) -> nn.Module
     ``path``: transformers keys (``vision_model.*``, ``visual_projection.weight``) or open_clip's (``visual.*``)."""
     path = Path(path)
     config = CLIPVisionCfg(**vision_model["vision_cfg"])
-    tower = _build_vision_tower(vision_model["embed_dim"], config).eval()
+    with torch.device("meta"):  # shapes only: the weights come from the file (load_state_dict assign=True)
+        tower = _build_vision_tower(vision_model["embed_dim"], config)
     wanted = (f"expected a CLIP vision model with {config.layers} layers of width {config.width} at "
               f"{config.image_size} px, patch {config.patch_size} (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors: "
               f"ComfyUI's clip_vision format or open_clip's)")
@@ -183,9 +184,9 @@ def load_vision_tower(path: Path, *, vision_model: dict = VIT_H_14) -> nn.Module
     if problems:
         raise DATEncoderError(f"{path}: {wanted}; found another model ({len(problems)} differences in open_clip "
                               f"keys, e.g. {'; '.join(problems[:4])})")
-    tower.load_state_dict(state)
+    tower.load_state_dict(state, assign=True)
     log.info("loaded CLIP vision %s (%d layers, width %d)", path, config.layers, config.width)
-    return tower
+    return tower.float().eval()
 
 
 def open_clip_state_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
