@@ -239,3 +239,40 @@ def test_a_wrong_clip_vision_file_is_refused_by_name(tmp_path, files):
     with pytest.raises(DATEncoderError) as error:
         load_vision_tower(files["vit"])
     assert "class_embedding has shape (32,), expected (1280,)" in str(error.value)
+
+
+def test_loading_imports_neither_comfyui_nor_the_nodes():
+    import subprocess
+    import sys
+
+    code = ("import sys, training.loading; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'comfy', 'nodes', 'datencoder_pack'}); print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=SD15_CONFIG.parents[2], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_shipped_configs_are_sd15s():
+    """The shipped configs are what diffusers derives from SD1's original ``v1-inference.yaml`` (UNet, VAE,
+    the training schedule), ComfyUI's SD1 CLIP-L config (text encoder) and its tokenizer files (as ComfyUI
+    ships them, byte for byte)."""
+    import yaml
+    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+
+    original = yaml.safe_load((comfyui_path() / "models" / "configs" / "v1-inference.yaml").read_text())
+    for name, derived in (("unet", create_unet_diffusers_config_from_ldm(original, {})),
+                          ("vae", create_vae_diffusers_config_from_ldm(original, {}))):
+        shipped = json.loads((SD15_CONFIG / name / "config.json").read_text())
+        assert {key: shipped.get(key) for key in derived} == json.loads(json.dumps(derived)), name
+    schedule = original["model"]["params"]
+    scheduler = json.loads((SD15_CONFIG / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["num_train_timesteps"]) == (
+        schedule["linear_start"], schedule["linear_end"], schedule["timesteps"])
+    comfy_text = json.loads((comfyui_path() / "comfy" / "sd1_clip_config.json").read_text())
+    text = json.loads((SD15_CONFIG / "text_encoder" / "config.json").read_text())
+    shared = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
+              "max_position_embeddings", "vocab_size", "layer_norm_eps")  # its token ids are legacy (bos 0)
+    assert {key: text[key] for key in shared} == {key: comfy_text[key] for key in shared}
+    for name in ("vocab.json", "merges.txt"):
+        assert (SD15_CONFIG / "tokenizer" / name).read_bytes() == (
+            comfyui_path() / "comfy" / "sd1_tokenizer" / name).read_bytes()
