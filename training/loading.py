@@ -78,14 +78,14 @@ def load_reference_models(base: Path, clip_vision: Path, *, dtype: torch.dtype =
         if not path.exists():
             raise DATEncoderError(f"{path} does not exist: expected the {what}")
     _check_sd1(base, config)
-    tower = load_vision_tower(clip_vision, vision_model=vision_model)
+    tower = load_vision_tower(clip_vision, vision_model=vision_model).to(dtype)
     pipeline = _load_sd1(base, dtype, config)
     models = ReferenceModels(
         pipeline.unet.eval(), pipeline.vae.eval(), pipeline.text_encoder.eval(), pipeline.tokenizer, tower,
         DDPMScheduler.from_config(pipeline.scheduler.config).alphas_cumprod, IMAGE_SIZE,
         EncoderConfig(clip_dim=tower.transformer.width, unet_dim=pipeline.unet.config.block_out_channels[-1],
                       token_dim=pipeline.text_encoder.config.hidden_size))
-    return models.to(device, dtype)
+    return models.to(device)  # the pipeline was loaded in dtype already
 
 
 def _load_sd1(base: Path, dtype: torch.dtype, config: Path) -> StableDiffusionPipeline:
