@@ -276,3 +276,23 @@ def test_the_shipped_configs_are_sd15s():
     for name in ("vocab.json", "merges.txt"):
         assert (SD15_CONFIG / "tokenizer" / name).read_bytes() == (
             comfyui_path() / "comfy" / "sd1_tokenizer" / name).read_bytes()
+
+
+def test_open_clip_and_transformers_files_give_the_same_tower(tmp_path):
+    """An open_clip file (``visual.*``) loads as is, and its transformers-keyed twin, made by ComfyUI's own
+    converter (``comfy.clip_vision.convert_to_transformers``, the reverse of our key map), loads to exactly
+    the same weights. A wrong entry in our map (q/k/v order, a transposed projection) fails it."""
+    import_comfyui()
+    import comfy.clip_vision
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    torch.manual_seed(6)
+    original = _build_vision_tower(TINY_VIT["embed_dim"], CLIPVisionCfg(**TINY_VIT["vision_cfg"]))
+    state = {f"visual.{key}": value.clone() for key, value in original.state_dict().items()}
+    save_file(state, str(tmp_path / "open_clip_model.safetensors"))
+    transformers_state = comfy.clip_vision.convert_to_transformers(dict(state), "visual.")
+    save_file({k: v.contiguous() for k, v in transformers_state.items()}, str(tmp_path / "clip_vision.safetensors"))
+    for name in ("open_clip_model.safetensors", "clip_vision.safetensors"):
+        loaded = load_vision_tower(tmp_path / name, vision_model=TINY_VIT).state_dict()
+        assert loaded.keys() == original.state_dict().keys(), name
+        assert all(torch.equal(loaded[k], v) for k, v in original.state_dict().items()), name
