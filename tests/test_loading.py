@@ -6,8 +6,8 @@ The files are written by ComfyUI's own savers from ComfyUI's own model classes w
 an SD1.x checkpoint in the original LDM key layout (``comfy.sd.save_checkpoint``, the layout of
 ``v1-5-pruned-emaonly.safetensors``) and a clip_vision file in transformers' keys (float16, as the
 IP-Adapter file). The loader gets a config folder of the same tiny shapes (``config=``,
-``vision_model=``); the shipped SD1.5 / ViT-H-14 shapes are checked by the full-size ViT-H test and the
-error tests.
+``vision_model=``); the shipped SD1.5 / ViT-H-14 shapes are checked by the full-size ViT-H test, the
+shipped-config test (against SD1's v1-inference.yaml) and the error tests.
 """
 
 import json
