@@ -30,11 +30,13 @@ SEARCH_ALIASES = ["DATEncoder", "personalize", "personalization", "one photo", "
 def show_text(node_id: str | None, text: str) -> None:
     """Put ``text`` on node ``node_id`` in the editor: ComfyUI's progress text, which the editor draws under
     the node's widgets and keeps after the run (it draws a V3 node's ``ui`` text only for ComfyUI's own
-    preview nodes). The nodes also return the same text as ``ui`` output, for /history and scripts."""
+    preview nodes). The nodes also return the text as ``ui`` output, for /history and scripts, with CLIP's
+    end-of-word mark in tokens (``cat</w>``); the editor renders the progress text as HTML, which would hide
+    that mark's angle brackets and what they enclose, so it is dropped here: the editor shows ``cat``."""
     if node_id is not None:
         from server import PromptServer
 
-        PromptServer.instance.send_progress_text(text, node_id)
+        PromptServer.instance.send_progress_text(text.replace("</w>", ""), node_id)
 
 
 def _schema(**fields) -> io.Schema:
