@@ -207,9 +207,10 @@ def _get(url):
 def test_make_comfyui_serves_the_editor_with_the_pack(tmp_path, comfyui_release):
     """The README's `make comfyui`, on another port and base directory, until /object_info answers."""
     port = free_port()
+    log = tmp_path / "make-comfyui.log"
     process = subprocess.Popen(["make", "--no-print-directory", "comfyui", f"PORT={port}", f"COMFYUI_HOME={tmp_path}",
                                 f"COMFYUI_PATH={comfyui_release}"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+                               cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         for _ in range(240):
             try:
@@ -224,6 +225,7 @@ def test_make_comfyui_serves_the_editor_with_the_pack(tmp_path, comfyui_release)
             assert b"<html" in page.read().lower()  # the editor (comfyui-frontend-package)
         assert info["DATEncoderPersonalize"]["display_name"] == "Personalize Concept"
         assert (tmp_path / "custom_nodes" / "comfyui-datencoder").resolve() == REPO
+        assert "Failed to initialize database" not in log.read_text()  # its database is in COMFYUI_HOME/user/
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
