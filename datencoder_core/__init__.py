@@ -4,7 +4,7 @@ Paper: Arar et al., "Domain-Agnostic Tuning-Encoder for Fast Personalization of 
 """
 
 from .attention import DualPathAttnProcessor, DualPathState, dual_path_attention
-from .checkpoint import load_encoder, save_encoder
+from .checkpoint import holds, load_encoder, save_encoder
 from .concept import Concept
 from .config import EncoderConfig, LoRAConfig, LossConfig, TuningConfig
 from .encoder import DATEncoder, EncoderOutput
@@ -19,5 +19,5 @@ __all__ = [
     "Concept", "DATEncoder", "DATEncoderError", "DualPathAttnProcessor", "DualPathState", "EncoderConfig",
     "EncoderOutput", "LoRAConfig", "LoRAFactors", "LoRASite", "LossConfig", "TuningConfig",
     "architecture_fingerprint", "diffusion_loss", "discover_sites", "dual_path_attention", "embedding_l2_loss",
-    "load_encoder", "nearest_neighbor_contrastive_loss", "nearest_tokens", "personalize", "save_encoder",
+    "holds", "load_encoder", "nearest_neighbor_contrastive_loss", "nearest_tokens", "personalize", "save_encoder",
 ]

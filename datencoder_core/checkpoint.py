@@ -17,6 +17,7 @@ from typing import Sequence
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
+import torch
 from torch import Tensor
 
 from .config import EncoderConfig, LoRAConfig
@@ -84,6 +85,22 @@ def atomic_save_all(files: Sequence[FileContents]) -> None:
         for _, old in moved:
             if old is not None:
                 old.unlink()
+
+
+def holds(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> bool:
+    """True when ``path`` is a safetensors file with exactly these tensors (names, dtypes, values) and this
+    metadata: saving them there again would change nothing. False for a missing or unreadable file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}) != metadata or set(f.keys()) != set(tensors):
+                return False
+            return all(_same(f.get_tensor(key), tensor) for key, tensor in tensors.items())
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def _same(stored: Tensor, tensor: Tensor) -> bool:
+    return stored.dtype == tensor.dtype and torch.equal(stored, tensor.detach().cpu())
 
 
 def _sibling(path: Path, kind: str) -> Path:

@@ -61,18 +61,23 @@ class Concept:
     def rank(self) -> int:
         return next(iter(self.lora.down.values())).shape[0]
 
-    def save(self, path: str | os.PathLike) -> None:
+    def file_contents(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The tensors and metadata of this concept's file (what ``save`` writes)."""
         tensors = {"v_star": self.v_star}
         for site in self.lora.down:
             tensors[f"lora.{site}.down"] = self.lora.down[site]
             tensors[f"lora.{site}.up"] = self.lora.up[site]
-        atomic_save(tensors, path, {
+        return tensors, {
             "format": CONCEPT_FORMAT, "format_version": str(CONCEPT_FORMAT_VERSION),
             "token_id": str(self.token_id), "token": self.token, "rank": str(self.rank),
             "scale": repr(self.lora.scale), "base_fingerprint": self.base_fingerprint, "encoder_id": self.encoder_id,
             "tuning": json.dumps(None if self.tuning is None else self.tuning.to_dict()),
             "lora_targets": json.dumps(list(self.lora_targets)),
-        })
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors, metadata = self.file_contents()
+        atomic_save(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> Concept:
@@ -101,6 +106,17 @@ class Concept:
         except (KeyError, TypeError, ValueError) as error:
             raise DATEncoderError(f"{path}: damaged concept file ({type(error).__name__}: {error})") from None
 
+    def export_contents(self) -> list[tuple[dict[str, Tensor], dict[str, str]]]:
+        """The tensors and metadata of the two files ``export`` writes: [LoRA, embedding]."""
+        lora = {}
+        for site, a in self.lora.down.items():
+            key = "lora_unet_" + site.replace(".", "_")
+            lora[f"{key}.lora_down.weight"] = a
+            lora[f"{key}.lora_up.weight"] = self.lora.up[site]
+            lora[f"{key}.alpha"] = torch.tensor(self.lora.scale * self.rank)
+        note = {"datencoder_note": "exported without the dual path (alpha_blend = 1)", "token": self.token}
+        return [(lora, note), ({"emb_params": self.v_star[None]}, note)]
+
     def export(self, lora_path: str | os.PathLike, embedding_path: str | os.PathLike) -> None:
         """Write a kohya-format LoRA (``lora_unet_<diffusers path>.lora_down/lora_up/alpha``; loads in
         ComfyUI, A1111 and diffusers' ``load_lora_weights``) and an A1111/ComfyUI textual-inversion
@@ -109,11 +125,5 @@ class Concept:
         The export drops the dual path: standard tools apply dW to every call and use v* alone, which is
         this concept at alpha_blend = 1.
         """
-        lora = {}
-        for site, a in self.lora.down.items():
-            key = "lora_unet_" + site.replace(".", "_")
-            lora[f"{key}.lora_down.weight"] = a
-            lora[f"{key}.lora_up.weight"] = self.lora.up[site]
-            lora[f"{key}.alpha"] = torch.tensor(self.lora.scale * self.rank)
-        note = {"datencoder_note": "exported without the dual path (alpha_blend = 1)", "token": self.token}
-        atomic_save_all([(lora, lora_path, note), ({"emb_params": self.v_star[None]}, embedding_path, note)])
+        (lora, note), (embedding, _) = self.export_contents()
+        atomic_save_all([(lora, lora_path, note), (embedding, embedding_path, note)])

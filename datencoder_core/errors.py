@@ -6,3 +6,10 @@ class DATEncoderError(ValueError):
 
     Messages state what was expected, what was found and how to fix it.
     """
+
+
+# ComfyUI names a failed node's exception by ``__module__ + "." + __qualname__`` (``execution.py``'s
+# ``full_type_name``), and loads this pack under its folder name, which made the editor's error read
+# "comfyui-datencoder.datencoder_core.errors.DATEncoderError" before the message. The public name is the
+# pack's: the error reads "datencoder.DATEncoderError: <message>".
+DATEncoderError.__module__ = "datencoder"

@@ -13,6 +13,7 @@ instead of a traceback from inside sampling.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -80,3 +81,12 @@ def refuse_unsupported(nodes: list[type], version: str | None) -> list[type]:
         return nodes
     logger.error("%s Its nodes are listed but refuse to run.", reason)
     return [refusing(node, reason) for node in nodes]
+
+
+def schema_options(**options) -> dict:
+    """Those of the ``io.Schema`` keyword arguments ``options`` that this release's ``io.Schema`` has:
+    ``search_aliases`` is 0.30's (on 0.3.75 the editor finds the nodes by name and category only)."""
+    from comfy_api.latest import io
+
+    fields = {field.name for field in dataclasses.fields(io.Schema)}
+    return {name: value for name, value in options.items() if name in fields}

@@ -41,14 +41,23 @@ def replace_placeholder(tokens: dict, span: list[int], replacement) -> tuple[dic
     return out, found
 
 
+def prompt_problem(text: str, placeholder: str) -> str | None:
+    """None when ``text`` contains a non-empty ``placeholder``; else what is wrong and how to fix it.
+    Apply Concept Token checks this when a prompt is queued, before anything runs."""
+    if not placeholder.strip():
+        return "the placeholder is empty; use a word such as S*"
+    if placeholder not in text:
+        return (f"the prompt does not contain the placeholder {placeholder!r}: write it where the concept goes, "
+                f"e.g. 'a photo of {placeholder} on the beach'")
+    return None
+
+
 def encode_with_concept(clip, text: str, concept: Concept, placeholder: str = "S*") -> list:
     """CONDITIONING for ``text``: the soft prompt as the context, the hard prompt attached under
     ``HARD_CONTEXT_KEY`` for the Dual-Path Model Patch. Raises if the placeholder is missing."""
-    if not placeholder.strip():
-        raise DATEncoderError("the placeholder is empty; use a word such as S*")
-    if placeholder not in text:
-        raise DATEncoderError(f"the prompt does not contain the placeholder {placeholder!r}: write it where the "
-                              f"concept goes, e.g. 'a photo of {placeholder} on the beach'")
+    problem = prompt_problem(text, placeholder)
+    if problem is not None:
+        raise DATEncoderError(problem)
     tokens = clip.tokenize(text)
     if set(tokens) != {"l"}:
         raise DATEncoderError(f"Apply Concept Token needs an SD1.x CLIP (one CLIP-L text encoder); this CLIP has "

@@ -17,12 +17,35 @@ from ..datencoder_core import (Concept, DATEncoder, DATEncoderError, TuningConfi
                                load_encoder, personalize)
 from . import compat, paths
 from .backend import ComfyUIBackend
-from .conditioning import encode_with_concept
+from .conditioning import encode_with_concept, prompt_problem
 from .patching import comfy_sites, patch_model
 
 ConceptType = io.Custom("CONCEPT")
 EncoderType = io.Custom("DATENCODER")
 logger = logging.getLogger("datencoder")
+# What the editor's node search also matches (ComfyUI 0.30 and newer; compat.schema_options).
+SEARCH_ALIASES = ["DATEncoder", "personalize", "personalization", "one photo", "subject", "textual inversion"]
+
+
+def show_text(node_id: str | None, text: str) -> None:
+    """Put ``text`` on node ``node_id`` in the editor: ComfyUI's progress text, which the editor draws under
+    the node's widgets and keeps after the run (it draws a V3 node's ``ui`` text only for ComfyUI's own
+    preview nodes). The nodes also return the text as ``ui`` output, for /history and scripts, with CLIP's
+    end-of-word mark in tokens (``cat</w>``); the editor renders the progress text as HTML, which would hide
+    that mark's angle brackets and what they enclose, so it is dropped here: the editor shows ``cat``."""
+    if node_id is not None:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text.replace("</w>", ""), node_id)
+
+
+def _schema(**fields) -> io.Schema:
+    """``io.Schema`` with the pack's category and search aliases."""
+    return io.Schema(category="DATEncoder", **fields, **compat.schema_options(search_aliases=SEARCH_ALIASES))
+
+
+def _node_id(cls) -> str | None:
+    return cls.hidden.unique_id if cls.hidden is not None else None
 
 
 class LoadedEncoder:
@@ -52,36 +75,59 @@ class LoadedEncoder:
 class DATEncoderLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DATEncoderLoader", display_name="DATEncoder Loader", category="DATEncoder",
+        return _schema(
+            node_id="DATEncoderLoader", display_name="DATEncoder Loader",
             description="Loads DATEncoder weights (.safetensors) from models/datencoder/.",
-            inputs=[io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(paths.ENCODERS))],
-            outputs=[EncoderType.Output()],
+            inputs=[io.Combo.Input("encoder_name", options=folder_paths.get_filename_list(paths.ENCODERS),
+                                   tooltip="DATEncoder weights in models/datencoder/, trained for your SD1.x "
+                                           "checkpoint")],
+            outputs=[EncoderType.Output(tooltip="the encoder, for Personalize Concept")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, encoder_name) -> io.NodeOutput:
         encoder, encoder_id = load_encoder(folder_paths.get_full_path_or_raise(paths.ENCODERS, encoder_name))
-        return io.NodeOutput(LoadedEncoder(encoder, encoder_id), ui=ui.PreviewText(f"encoder {encoder_id}"))
+        text = f"encoder {encoder_id}"
+        show_text(_node_id(cls), text)
+        return io.NodeOutput(LoadedEncoder(encoder, encoder_id), ui=ui.PreviewText(text))
 
 
 class DATEncoderPersonalize(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         defaults = TuningConfig()
-        return io.Schema(
-            node_id="DATEncoderPersonalize", display_name="Personalize Concept", category="DATEncoder",
+        return _schema(
+            node_id="DATEncoderPersonalize", display_name="Personalize Concept",
             description="From one photo (or a batch of photos of the same concept): one encoder forward, "
                         "then a few tuning steps of the concept's word embedding and LoRA. steps = 0: encoder only.",
-            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
-                    io.ClipVision.Input("clip_vision", tooltip="CLIP-ViT-H-14 (the IP-Adapter one)"),
-                    EncoderType.Input("datencoder"), io.Image.Input("image"),
-                    io.Int.Input("steps", default=defaults.steps, min=0, max=100),
-                    io.Float.Input("lr", default=defaults.lr, min=1e-5, max=1e-1, step=1e-4),
-                    io.Float.Input("alpha_blend", default=defaults.alpha_blend, min=0.0, max=1.0, step=0.01),
-                    io.Int.Input("timesteps_per_step", default=defaults.timesteps_per_step, min=1, max=32),
-                    io.Int.Input("seed", default=0, min=0, max=2**63 - 1)],
-            outputs=[ConceptType.Output()],
+            inputs=[io.Model.Input("model", tooltip="the SD1.x MODEL to personalize (Load Checkpoint); it is "
+                                                    "never changed"),
+                    io.Clip.Input("clip", tooltip="the checkpoint's CLIP (SD1.x text encoder); CLIP Set Last "
+                                                  "Layer is honoured"),
+                    io.Vae.Input("vae", tooltip="the checkpoint's VAE: it encodes the photo for the UNet"),
+                    io.ClipVision.Input("clip_vision", tooltip="CLIP-ViT-H-14 from Load CLIP Vision (the "
+                                                               "IP-Adapter file): the encoder's image features"),
+                    EncoderType.Input("datencoder", tooltip="the encoder, from DATEncoder Loader"),
+                    io.Image.Input("image", tooltip="one photo of the concept, or a batch of photos of the same "
+                                                    "concept; any size, alpha and grey are fine"),
+                    io.Int.Input("steps", default=defaults.steps, min=0, max=100,
+                                 tooltip="tuning steps after the encoder's prediction, 0-100 (the paper: 12; "
+                                         "0 = the encoder's prediction only)"),
+                    io.Float.Input("lr", default=defaults.lr, min=1e-5, max=1e-1, step=1e-4,
+                                   tooltip="AdamW learning rate of the tuning steps, 1e-5 to 0.1 (the paper: 2e-3)"),
+                    io.Float.Input("alpha_blend", default=defaults.alpha_blend, min=0.0, max=1.0, step=0.01,
+                                   tooltip="the dual-path blend WHILE TUNING, 0-1 (the paper: 0.25): the weight of "
+                                           "the concept's path. Sampling uses Dual-Path Model Patch's own "
+                                           "alpha_blend"),
+                    io.Int.Input("timesteps_per_step", default=defaults.timesteps_per_step, min=1, max=32,
+                                 tooltip="random diffusion timesteps per tuning step (its mini-batch), 1-32 "
+                                         "(default 4)"),
+                    io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate="fixed",
+                                 tooltip="seed of the tuning timesteps and noise: the same photo and seed give the "
+                                         "same concept. Keep it fixed, so a new Run reuses the concept")],
+            outputs=[ConceptType.Output(tooltip="the concept: its word embedding v*, LoRA offsets and nearest "
+                                                "word, for Dual-Path Model Patch, Apply Concept Token, Save Concept")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -91,40 +137,71 @@ class DATEncoderPersonalize(io.ComfyNode):
         config = TuningConfig(steps=steps, lr=lr, alpha_blend=alpha_blend, timesteps_per_step=timesteps_per_step,
                               seed=seed)
         bar = comfy.utils.ProgressBar(max(steps, 1))
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        node_id = _node_id(cls)
+        done = [0]
 
         def progress(step: int, total: int, loss: float) -> None:
             bar.update_absolute(step, total)
-            if node_id is not None:
-                from server import PromptServer
+            done[0] = step
+            show_text(node_id, f"step {step}/{total}  loss {loss:.4f}")
 
-                PromptServer.instance.send_progress_text(f"step {step}/{total}  loss {loss:.4f}", node_id)
-
-        with torch.inference_mode(False), torch.enable_grad():
-            backend = ComfyUIBackend(model, clip, vae, clip_vision, extra_models=[datencoder.patcher])  # loads nothing
-            datencoder.check_base_model(model)
-            concept = personalize(backend, datencoder.encoder, datencoder.encoder_id, image, config,
-                                  progress=progress,
-                                  interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                backend = ComfyUIBackend(model, clip, vae, clip_vision, extra_models=[datencoder.patcher])  # loads nothing
+                datencoder.check_base_model(model)
+                concept = personalize(backend, datencoder.encoder, datencoder.encoder_id, image, config,
+                                      progress=progress,
+                                      interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+        except comfy.model_management.InterruptProcessingException:
+            show_text(node_id, f"cancelled after step {done[0]}/{steps}: no concept was made")
+            raise
         logger.info("DATEncoder: concept ready, nearest word %r", concept.token)
-        return io.NodeOutput(concept, ui=ui.PreviewText(f"nearest word: {concept.token}"))
+        text = f"nearest word: {concept.token}"
+        show_text(node_id, text)
+        return io.NodeOutput(concept, ui=ui.PreviewText(text))
 
 
-def _concept_file_inputs() -> list:
-    """Inputs of the nodes that write a concept to files: the concept, a plain file name, overwrite."""
-    return [ConceptType.Input("concept"), io.String.Input("name", default="my_concept"),
-            io.Boolean.Input("overwrite", default=False, tooltip="replace an existing file of that name")]
+class _SaveNode(io.ComfyNode):
+    """Save Concept and Export: the concept, a plain file name checked when the prompt is queued,
+    ``overwrite``; files named as ``paths.choose_paths`` says (never a failure on an existing name)."""
+
+    FOLDERS: list[str] = []
+
+    @classmethod
+    def file_inputs(cls, name_tooltip: str) -> list:
+        return [ConceptType.Input("concept", tooltip="the concept to write"),
+                io.String.Input("name", default="my_concept", tooltip=name_tooltip),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="on: replace <name>.safetensors; off: an existing file is never replaced "
+                                         "(a different concept goes to <name>_00001.safetensors, ...)")]
+
+    @classmethod
+    def validate_inputs(cls, name) -> bool | str:
+        return paths.name_problem(name) or True
+
+    @classmethod
+    def save(cls, contents: list, name: str, overwrite: bool, write) -> io.NodeOutput:
+        """Choose the paths for ``contents`` (one (tensors, metadata) per ``FOLDERS`` key), call
+        ``write(paths)`` unless they already hold them, and show what happened on the node."""
+        target = paths.choose_paths(cls.FOLDERS, name, overwrite, contents)
+        if not target.unchanged:
+            write(target.paths)
+        text = f"{'unchanged (same concept)' if target.unchanged else 'saved'} {' and '.join(target.paths)}"
+        show_text(_node_id(cls), text)
+        return io.NodeOutput(ui=ui.PreviewText(text))
 
 
 class DATEncoderLoadConcept(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DATEncoderLoadConcept", display_name="Load Concept", category="DATEncoder",
+        return _schema(
+            node_id="DATEncoderLoadConcept", display_name="Load Concept",
             description="Loads a concept saved by Save Concept from "
                         "models/datencoder_concepts/.",
-            inputs=[io.Combo.Input("concept_name", options=folder_paths.get_filename_list(paths.CONCEPTS))],
-            outputs=[ConceptType.Output()],
+            inputs=[io.Combo.Input("concept_name", options=folder_paths.get_filename_list(paths.CONCEPTS),
+                                   tooltip="a concept file in models/datencoder_concepts/, written by Save Concept")],
+            outputs=[ConceptType.Output(tooltip="the concept, for Dual-Path Model Patch and Apply Concept Token")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -141,7 +218,9 @@ class DATEncoderLoadConcept(io.ComfyNode):
     @classmethod
     def execute(cls, concept_name) -> io.NodeOutput:
         concept = Concept.load(folder_paths.get_full_path_or_raise(paths.CONCEPTS, concept_name))
-        return io.NodeOutput(concept, ui=ui.PreviewText(describe_concept(concept)))
+        text = describe_concept(concept)
+        show_text(_node_id(cls), text)
+        return io.NodeOutput(concept, ui=ui.PreviewText(text))
 
 
 def describe_concept(concept: Concept) -> str:
@@ -154,57 +233,63 @@ def describe_concept(concept: Concept) -> str:
             f"encoder: {concept.encoder_id}")
 
 
-class DATEncoderSaveConcept(io.ComfyNode):
+class DATEncoderSaveConcept(_SaveNode):
+    FOLDERS = [paths.CONCEPTS]
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DATEncoderSaveConcept", display_name="Save Concept", category="DATEncoder",
-            description="Saves a concept to models/datencoder_concepts/<name>.safetensors.",
-            inputs=_concept_file_inputs(),
-            outputs=[], is_output_node=True,
+        return _schema(
+            node_id="DATEncoderSaveConcept", display_name="Save Concept",
+            description="Saves a concept to models/datencoder_concepts/<name>.safetensors. Never stops the run: "
+                        "the same concept already there is kept, a different one goes to <name>_00001 "
+                        "(unless overwrite).",
+            inputs=cls.file_inputs("file name in models/datencoder_concepts/ (.safetensors is added), without "
+                                   "folders"),
+            outputs=[], is_output_node=True, hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, concept, name, overwrite) -> io.NodeOutput:
-        path = paths.output_path(paths.CONCEPTS, name, overwrite)
-        concept.save(path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {path}"))
+        return cls.save([concept.file_contents()], name, overwrite, lambda targets: concept.save(targets[0]))
 
 
-class DATEncoderExportConcept(io.ComfyNode):
+class DATEncoderExportConcept(_SaveNode):
+    FOLDERS = ["loras", "embeddings"]
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return _schema(
             node_id="DATEncoderExportConcept", display_name="Export Concept as LoRA + Embedding",
-            category="DATEncoder",
             description="Writes models/loras/<name>.safetensors and models/embeddings/<name>.safetensors for "
                         "any SD1.5 tool (prompt with embedding:<name>). The export has no dual path: it is the "
                         "concept at alpha_blend = 1.",
-            inputs=_concept_file_inputs(),
-            outputs=[], is_output_node=True,
+            inputs=cls.file_inputs("file name for models/loras/ and models/embeddings/ (.safetensors is added), "
+                                   "without folders"),
+            outputs=[], is_output_node=True, hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, concept, name, overwrite) -> io.NodeOutput:
-        lora_path = paths.output_path("loras", name, overwrite)
-        embedding_path = paths.output_path("embeddings", name, overwrite)
-        concept.export(lora_path, embedding_path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {lora_path} and {embedding_path}"))
+        return cls.save(concept.export_contents(), name, overwrite, lambda targets: concept.export(*targets))
 
 
 class DATEncoderDualPathPatch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DATEncoderDualPathPatch", display_name="Dual-Path Model Patch", category="DATEncoder",
+        return _schema(
+            node_id="DATEncoderDualPathPatch", display_name="Dual-Path Model Patch",
             description="A copy of the model that samples with the concept: every attention module blends "
                         "the concept's path (LoRA + soft prompt) with the original one (nearest word), "
                         "out = a * concept + (1 - a) * original. Use it with Apply Concept Token.",
-            inputs=[io.Model.Input("model"), ConceptType.Input("concept"),
+            inputs=[io.Model.Input("model", tooltip="the SD1.x MODEL the concept was made with"),
+                    ConceptType.Input("concept", tooltip="from Personalize Concept or Load Concept"),
                     io.Float.Input("alpha_blend", default=0.25, min=0.0, max=1.0, step=0.01,
-                                   tooltip="0: the original model with the nearest word; 1: plain LoRA"),
-                    io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05)],
-            outputs=[io.Model.Output()],
+                                   tooltip="the dual-path blend WHILE SAMPLING, 0-1 (the paper: 0.25): 0 = the "
+                                           "original model with the nearest word, 1 = plain LoRA. Independent of "
+                                           "Personalize Concept's alpha_blend, used while tuning"),
+                    io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                                   tooltip="scale of the concept's LoRA offsets, 0-2 (1 = as tuned)")],
+            outputs=[io.Model.Output(tooltip="a patched copy of the model, for KSampler")],
         )
 
     @classmethod
@@ -215,14 +300,25 @@ class DATEncoderDualPathPatch(io.ComfyNode):
 class DATEncoderApplyConceptToken(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DATEncoderApplyConceptToken", display_name="Apply Concept Token", category="DATEncoder",
+        return _schema(
+            node_id="DATEncoderApplyConceptToken", display_name="Apply Concept Token",
             description="Encodes a prompt in which the placeholder stands for the concept.",
-            inputs=[io.Clip.Input("clip"), ConceptType.Input("concept"),
-                    io.String.Input("text", multiline=True, default="a photo of S* on the beach"),
-                    io.String.Input("placeholder", default="S*")],
-            outputs=[io.Conditioning.Output()],
+            inputs=[io.Clip.Input("clip", tooltip="the checkpoint's CLIP (SD1.x)"),
+                    ConceptType.Input("concept", tooltip="from Personalize Concept or Load Concept"),
+                    io.String.Input("text", multiline=True, default="a photo of S* on the beach",
+                                    tooltip="the prompt, with the placeholder where the concept goes"),
+                    io.String.Input("placeholder", default="S*",
+                                    tooltip="the word in text that stands for the concept (default S*); a prompt "
+                                            "without it is refused when queued")],
+            outputs=[io.Conditioning.Output(tooltip="the positive prompt for KSampler, with the Dual-Path Model "
+                                                    "Patch's model")],
         )
+
+    @classmethod
+    def validate_inputs(cls, text, placeholder) -> bool | str:
+        if text is None or placeholder is None:  # linked from another node: checked when it runs
+            return True
+        return prompt_problem(text, placeholder) or True
 
     @classmethod
     def execute(cls, clip, concept, text, placeholder) -> io.NodeOutput:

@@ -15,3 +15,22 @@ def test_execute_parameters_equal_schema_inputs():
         assert list(inspect.signature(node.execute).parameters) == declared, node.__name__
         if "fingerprint_inputs" in vars(node):
             assert list(inspect.signature(node.fingerprint_inputs).parameters) == declared, node.__name__
+        if any("validate_inputs" in vars(c) for c in node.__mro__ if c.__module__ == node.__module__):
+            assert set(inspect.signature(node.validate_inputs).parameters) <= set(declared), node.__name__
+
+
+def test_every_input_and_output_has_a_one_line_tooltip():
+    extension = pack_module("nodes.nodes").DATEncoderExtension()
+    for node in asyncio.run(extension.get_node_list()):
+        schema = node.define_schema()
+        for spec in [*schema.inputs, *schema.outputs]:
+            assert spec.tooltip and "\n" not in spec.tooltip, (node.__name__, spec.id)
+    personalize, patch = (n.define_schema().inputs for n in (extension_node("DATEncoderPersonalize"),
+                                                              extension_node("DATEncoderDualPathPatch")))
+    tuning, sampling = (next(i.tooltip for i in inputs if i.id == "alpha_blend") for inputs in (personalize, patch))
+    assert "WHILE TUNING" in tuning and "WHILE SAMPLING" in sampling
+
+
+def extension_node(node_id):
+    nodes = asyncio.run(pack_module("nodes.nodes").DATEncoderExtension().get_node_list())
+    return next(n for n in nodes if n.define_schema().node_id == node_id)

@@ -127,18 +127,38 @@ def test_load_concept_reads_format_1_files(server):
     assert resaved["format_version"] == "2" and "alpha_blend" not in resaved and resaved["tuning"] == "null"
 
 
-@pytest.mark.parametrize("name,message", [("../escape", "without folders"), ("taken", "exists")])
-def test_bad_file_names_are_refused_clearly(server, name, message):
-    base = server.base
+def test_a_name_with_folders_is_refused_when_queued(server):
+    """Checked by ComfyUI's input validation: the prompt is rejected before any node runs."""
     prompt = {
         "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "cat.safetensors"}},
-        "2": {"class_type": "DATEncoderSaveConcept", "inputs": {"concept": ["1", 0], "name": name, "overwrite": False}},
+        "2": {"class_type": "DATEncoderSaveConcept",
+              "inputs": {"concept": ["1", 0], "name": "../escape", "overwrite": False}},
     }
-    (base / "models" / "datencoder_concepts" / "taken.safetensors").write_bytes(b"keep")
-    with pytest.raises(WorkflowError, match=r"node 2 \(DATEncoderSaveConcept\) failed: .*" + re.escape(message)):
+    with pytest.raises(WorkflowError, match=r"node 2 \(DATEncoderSaveConcept\): .*without folders"):
         server.run(prompt, timeout=60)
-    assert not (base / "models" / "escape.safetensors").exists()
-    assert (base / "models" / "datencoder_concepts" / "taken.safetensors").read_bytes() == b"keep"
+    assert not (server.base / "models" / "escape.safetensors").exists()
+
+
+def test_save_concept_never_fails_on_an_existing_name(server):
+    """The same concept again: the file is kept as is. Another concept under a taken name: the next free
+    <name>_NNNNN; the file there is never replaced (without overwrite)."""
+    concepts = server.base / "models" / "datencoder_concepts"
+    (concepts / "taken.safetensors").write_bytes(b"keep")
+
+    def save(name, source="cat.safetensors"):
+        run = server.run({
+            "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": source}},
+            "2": {"class_type": "DATEncoderSaveConcept", "inputs": {"concept": ["1", 0], "name": name,
+                                                                    "overwrite": False}}}, timeout=60)
+        return run.history["outputs"]["2"]["text"][0]
+
+    assert save("taken") == f"saved {concepts / 'taken_00001.safetensors'}"
+    assert save("taken_again") == f"saved {concepts / 'taken_again.safetensors'}"
+    stat = (concepts / "taken_again.safetensors").stat()
+    assert save("taken_again", source="taken_00001.safetensors") == (
+        f"unchanged (same concept) {concepts / 'taken_again.safetensors'}")  # a new prompt, the same concept
+    assert (concepts / "taken_again.safetensors").stat().st_ino == stat.st_ino
+    assert (concepts / "taken.safetensors").read_bytes() == b"keep"
 
 
 @pytest.mark.parametrize("encoder_name,message", [
@@ -153,6 +173,32 @@ def test_bad_encoder_files_give_an_error_naming_the_file(server, encoder_name, m
         server.run(prompt, timeout=60)
 
 
+def test_the_error_type_is_short_and_the_message_first(server):
+    """ComfyUI shows a failed node's error as exception_type and exception_message: the type is the
+    pack's short name, not the module path ComfyUI loaded the pack under."""
+    with pytest.raises(WorkflowError, match="not a readable .safetensors file"):
+        server.run({"1": {"class_type": "DATEncoderLoader", "inputs": {"encoder_name": "broken.safetensors"}},
+                    "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}, timeout=60)
+    entry = list(server.get("/history").values())[-1]
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["exception_type"] == "datencoder.DATEncoderError"
+    assert error["exception_message"].startswith(str(server.base / "models" / "datencoder" / "broken.safetensors"))
+
+
+def test_a_prompt_without_the_placeholder_is_refused_when_queued(server):
+    """Rejected by ComfyUI's input validation with the reason on Apply Concept Token: nothing runs."""
+    prompt = {
+        "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": "cat.safetensors"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "none.safetensors", "type": "stable_diffusion"}},
+        "3": {"class_type": "DATEncoderApplyConceptToken",
+              "inputs": {"clip": ["2", 0], "concept": ["1", 0], "text": "a photo of a cat", "placeholder": "S*"}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}},
+    }
+    with pytest.raises(WorkflowError, match=r"node 3 \(DATEncoderApplyConceptToken\): .*does not contain the "
+                                            r"placeholder 'S\*'"):
+        server.run(prompt, timeout=60)
+
+
 def _get(url):
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
@@ -161,9 +207,10 @@ def _get(url):
 def test_make_comfyui_serves_the_editor_with_the_pack(tmp_path, comfyui_release):
     """The README's `make comfyui`, on another port and base directory, until /object_info answers."""
     port = free_port()
+    log = tmp_path / "make-comfyui.log"
     process = subprocess.Popen(["make", "--no-print-directory", "comfyui", f"PORT={port}", f"COMFYUI_HOME={tmp_path}",
                                 f"COMFYUI_PATH={comfyui_release}"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+                               cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         for _ in range(240):
             try:
@@ -178,6 +225,7 @@ def test_make_comfyui_serves_the_editor_with_the_pack(tmp_path, comfyui_release)
             assert b"<html" in page.read().lower()  # the editor (comfyui-frontend-package)
         assert info["DATEncoderPersonalize"]["display_name"] == "Personalize Concept"
         assert (tmp_path / "custom_nodes" / "comfyui-datencoder").resolve() == REPO
+        assert "Failed to initialize database" not in log.read_text()  # its database is in COMFYUI_HOME/user/
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)

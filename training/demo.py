@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
               for node in outputs.values() for image in node.get("images", [])]
     nearest = outputs[personalize_node]["text"][0].removeprefix("nearest word: ")
     losses = [float(text.rsplit("loss", 1)[1]) for node, text in run.progress_texts
-              if node == personalize_node and "loss" in text]
+              if node == personalize_node and text.startswith("step ")]
     report = {
         "models": "demo set (random weights)" if args.models is None else str(args.models),
         "image": args.image or "scikit-image chelsea (cat)", "device": device,

@@ -1,0 +1,19 @@
+// DATEncoder in the ComfyUI editor (served from WEB_DIRECTORY, see __init__.py).
+// After Save Concept or Export writes a new file, reload the node definitions (what pressing R does), so
+// Load Concept, LoraLoader and the missing-model check know the new file without a manual refresh.
+// The server finds the file by itself: folder_paths re-lists a folder whose modification time changed.
+import { app } from "../../scripts/app.js";
+
+const WRITERS = new Set(["DATEncoderSaveConcept", "DATEncoderExportConcept"]);
+
+app.registerExtension({
+  name: "DATEncoder.RefreshAfterSave",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!WRITERS.has(nodeData.name)) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      onExecuted?.apply(this, arguments);
+      if (output?.text?.[0]?.startsWith("saved ")) app.refreshComboInNodes();
+    };
+  },
+});
