@@ -22,7 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from datencoder_core.checkpoint import ENCODER_FORMAT, ENCODER_FORMAT_VERSION, read_safetensors, save_encoder
+from datencoder_core.checkpoint import (ENCODER_FORMAT, ENCODER_FORMAT_VERSION, load_encoder, read_safetensors,
+                                        save_encoder)
 from datencoder_core.encoder import DATEncoder
 from datencoder_core.errors import DATEncoderError
 
@@ -131,8 +132,6 @@ def export_checkpoint(checkpoint: Path, out: Path) -> str:
     if not source.is_file():
         raise DATEncoderError(f"{checkpoint}: not a pretraining checkpoint (no {ENCODER_FILE}); pass a "
                               f"DIR/checkpoints/step-XXXXXXX folder")
-    from datencoder_core.checkpoint import load_encoder
-
     encoder, _ = load_encoder(source)
     _, metadata = read_safetensors(source, ENCODER_FORMAT, (ENCODER_FORMAT_VERSION,))
     return write_encoder(encoder, out, json.loads(metadata["pretrain_config"]), int(metadata["pretrain_step"]))
