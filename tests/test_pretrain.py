@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datencoder_core import DATEncoderError
+from datencoder_core import DATEncoder, DATEncoderError, discover_sites
 from datencoder_core.attention import DualPathState
 from datencoder_core.checkpoint import load_encoder, read_safetensors
 from training import checkpoints
@@ -108,10 +108,12 @@ def test_sigkill_during_a_checkpoint_then_resume_auto_equals_the_straight_run(tm
     assert not list((killed / "checkpoints").glob(".*"))  # the interrupted write was cleaned up
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    """accelerate launch --cpu --num_processes 2 (2 rows each) == 1 process (4 rows), after 3 steps: the
-    encoder within 1e-5 (float sums run in another order), and the logged Eq. 3, which uses the whole
-    global batch's negatives, equal on both (with each process's own rows only, it would not be)."""
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_models, tmp_path):
+    """accelerate launch --cpu --num_processes 2 (2 rows each) == 1 process (4 rows), after 3 steps. The
+    logged losses agree to 1e-5, Eq. 3 included, which is evaluated over the whole global batch (with each
+    process's own 2 rows as negatives it would not). The weight updates agree to 1% (measured: 0.2%): float
+    sums run in another order, and Adam's g / sqrt(v) amplifies that noise in the few weights whose
+    gradient is ~0 (conv biases before a GroupNorm), so a per-element tolerance would be meaningless."""
     args = ["--set", "training.steps=3", "--set", "training.checkpoint_every=3"]
     one, two = tmp_path / "one", tmp_path / "two"
     main([*SHORT, *args, "--output-dir", str(one)])
@@ -120,11 +122,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
               str(_free_port()), "-m", "training.pretrain", *SHORT, *args, "--output-dir", str(two)]
     result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    config = resolve_config("tiny")
+    torch.manual_seed(config.training.seed)  # the encoder's initial weights, as main() makes them
+    start = DATEncoder(config.encoder, config.lora, discover_sites(tiny_models.unet.named_modules(),
+                                                                    config.lora.targets)).state_dict()
     a, b = (load_file(str(run / checkpoints.EXPORTED)) for run in (one, two))
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-5, worst
-    for step, value in scalars(one, "train/contrastive").items():
-        assert scalars(two, "train/contrastive")[step] == pytest.approx(value, abs=1e-5)
+    difference = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
+    update = sum(((a[k] - start[k]) ** 2).sum() for k in a).sqrt()
+    assert update > 0 and difference < 1e-2 * update, (difference, update)
+    for tag in ("train/contrastive", "train/diffusion", "train/loss"):
+        for step, value in scalars(one, tag).items():
+            assert scalars(two, tag)[step] == pytest.approx(value, abs=1e-5), tag
 
 
 def _free_port() -> int:

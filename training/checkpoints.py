@@ -65,7 +65,7 @@ def check_output_dir(output_dir: Path, run: dict[str, Any], resume: str | None) 
     saved = output_dir / "config.json"
     if saved.is_file():
         previous = json.loads(saved.read_text())
-        differences = _differences(previous, run)
+        differences = _differences(previous, json.loads(json.dumps(run)))  # tuples as JSON lists
         if differences:
             shown = "; ".join(f"{key}: {old!r} there, {new!r} now" for key, old, new in differences[:5])
             raise DATEncoderError(f"--output-dir {output_dir} holds a run with another configuration ({shown}); "
