@@ -130,9 +130,11 @@ def read_safetensors(path: str | os.PathLike, expected_format: str,
     return tensors, metadata
 
 
-def save_encoder(encoder: DATEncoder, path: str | os.PathLike, name: str = "datencoder") -> str:
+def save_encoder(encoder: DATEncoder, path: str | os.PathLike, name: str = "datencoder",
+                 extra_metadata: dict[str, str] | None = None) -> str:
     """Write ``encoder`` with its configs, sites and base fingerprint; return its ``encoder_id``
-    (``name`` plus a hash of the weights), which concepts made with it record."""
+    (``name`` plus a hash of the weights), which concepts made with it record. ``extra_metadata``
+    (pretraining writes its config and step) is stored beside them; it cannot replace their keys."""
     state = encoder.state_dict()
     digest = hashlib.sha256()
     for key in sorted(state):
@@ -148,7 +150,10 @@ def save_encoder(encoder: DATEncoder, path: str | os.PathLike, name: str = "date
         "sites": json.dumps([[s.name, s.in_features, s.out_features] for s in encoder.sites]),
         "base_fingerprint": architecture_fingerprint(encoder.sites, encoder.config.token_dim),
     }
-    atomic_save(state, path, metadata)
+    clash = sorted(set(extra_metadata or {}) & set(metadata))
+    if clash:
+        raise DATEncoderError(f"save_encoder: extra_metadata may not set {clash}")
+    atomic_save(state, path, {**(extra_metadata or {}), **metadata})
     return encoder_id
 
 

@@ -9,6 +9,8 @@ processors.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -61,7 +63,7 @@ class DiffusersReferenceBackend:
         mid block) with the empty prompt and no processors' state, i.e. the base UNet."""
         unet = self.unet
         if self._empty_context is None:
-            self._empty_context = self._encode_ids(list(self.prompt_ids("").ids))
+            self._empty_context = self._encode_ids([list(self.prompt_ids("").ids)])
         context = self._empty_context.expand(noisy_latents.shape[0], -1, -1)
         emb = unet.time_embedding(unet.get_time_embed(sample=noisy_latents, timestep=timesteps))
         h = unet.conv_in(noisy_latents)
@@ -75,18 +77,23 @@ class DiffusersReferenceBackend:
     def prompt_ids(self, template: str) -> PromptIds:
         return prompt_ids(template, self._tokenizer_spec)
 
-    def _encode_ids(self, ids: list[int], slot: int | None = None, embedding: Tensor | None = None) -> Tensor:
-        ids = torch.tensor([ids], device=self.device)
-        if embedding is None:
+    def _encode_ids(self, ids: list[list[int]], slots: list[int | None] | None = None,
+                    embeddings: Tensor | None = None) -> Tensor:
+        """Text contexts (B, S, D) of B id rows; with ``embeddings`` (B, D), row i's token at ``slots[i]``
+        is replaced by ``embeddings[i]`` (differentiable)."""
+        ids = torch.tensor(ids, device=self.device)
+        if embeddings is None:
             return self.text_encoder(ids).last_hidden_state
         table = self.text_encoder.get_input_embeddings()
+        mask = torch.zeros(*ids.shape, 1, dtype=torch.bool, device=self.device)  # (B, S, 1)
+        for row, slot in enumerate(slots):
+            if slot is not None:
+                mask[row, slot] = True
 
-        def put_embedding(_module, _inputs, out):  # out-of-place, so the gradient reaches ``embedding``
-            mask = torch.zeros(out.shape[1], 1, dtype=torch.bool, device=out.device)
-            mask[slot] = True
-            return torch.where(mask, embedding.to(out.dtype), out)
+        def put_embeddings(_module, _inputs, out):  # out-of-place, so the gradient reaches ``embeddings``
+            return torch.where(mask, embeddings[:, None, :].to(out.dtype), out)
 
-        hook = table.register_forward_hook(put_embedding)
+        hook = table.register_forward_hook(put_embeddings)
         try:
             return self.text_encoder(ids).last_hidden_state
         finally:
@@ -94,7 +101,14 @@ class DiffusersReferenceBackend:
 
     def encode_prompt(self, prompt: str | PromptIds, token_id: int, embedding: Tensor | None = None) -> Tensor:
         prompt = self.prompt_ids(prompt) if isinstance(prompt, str) else prompt
-        return self._encode_ids(prompt.with_token(token_id), prompt.slot, embedding)
+        return self.encode_prompts([prompt], [token_id], None if embedding is None else embedding[None])
+
+    def encode_prompts(self, prompts: Sequence[PromptIds], token_ids: Sequence[int],
+                       embeddings: Tensor | None = None) -> Tensor:
+        """``encode_prompt`` for a batch of concepts (pretraining: one concept per row): (B, S, D), row i
+        from ``prompts[i]`` with ``token_ids[i]`` in its slot, or ``embeddings[i]`` (B, D) in its place."""
+        return self._encode_ids([p.with_token(t) for p, t in zip(prompts, token_ids, strict=True)],
+                                [p.slot for p in prompts], embeddings)
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.convert_ids_to_tokens(token_id)

@@ -48,3 +48,13 @@ def demo_models_folder(tmp_path_factory):
     from training.demo_models import ensure_demo_models
 
     return ensure_demo_models(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pretraining(tmp_path_factory):
+    """The CPU quick check, run once: ``python -m training.pretrain --preset tiny`` (60 steps). Its output dir."""
+    from training.pretrain import main
+
+    output_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    main(["--preset", "tiny", "--output-dir", str(output_dir)])
+    return output_dir

@@ -168,3 +168,24 @@ def test_an_encoder_for_another_base_model_is_refused_first(stack, tiny_models, 
         with torch.inference_mode():
             nodes.DATEncoderPersonalize.execute(patcher, clip, vae, clip_vision, other, cat_image, 1, 2e-3, 0.25, 1, 0)
     assert _nothing_loaded_since(loaded)
+
+
+def test_a_pretrained_encoder_loads_in_the_loader_and_personalizes(stack, tiny_pretraining, cat_image, monkeypatch):
+    """The file ``python -m training.pretrain --preset tiny`` exports, served from models/datencoder/: the
+    DATEncoder Loader reads it and Personalize Concept runs with it."""
+    import shutil
+
+    import folder_paths
+
+    nodes, patcher, clip, vae, clip_vision, _ = stack
+    folder = tiny_pretraining.parent / "datencoder"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(tiny_pretraining / "datencoder.safetensors", folder / "pretrained.safetensors")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "datencoder", ([str(folder)], {".safetensors"}))
+    loaded = nodes.DATEncoderLoader.execute("pretrained.safetensors")
+    encoder = loaded.result[0]
+    assert encoder.encoder_id.startswith("datencoder-pretrained@")
+    with torch.inference_mode():
+        concept = nodes.DATEncoderPersonalize.execute(patcher, clip, vae, clip_vision, encoder, cat_image, 1, 2e-3,
+                                                      0.25, 1, 0).result[0]
+    assert concept.encoder_id == encoder.encoder_id and torch.isfinite(concept.v_star).all()
