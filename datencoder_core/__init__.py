@@ -12,12 +12,12 @@ from .errors import DATEncoderError
 from .lora import LoRAFactors
 from .losses import diffusion_loss, embedding_l2_loss, nearest_neighbor_contrastive_loss
 from .sites import LoRASite, architecture_fingerprint, discover_sites
-from .tuning import personalize
+from .tuning import personalize, tune
 from .vocab import nearest_tokens
 
 __all__ = [
     "Concept", "DATEncoder", "DATEncoderError", "DualPathAttnProcessor", "DualPathState", "EncoderConfig",
     "EncoderOutput", "LoRAConfig", "LoRAFactors", "LoRASite", "LossConfig", "TuningConfig",
     "architecture_fingerprint", "diffusion_loss", "discover_sites", "dual_path_attention", "embedding_l2_loss",
-    "load_encoder", "nearest_neighbor_contrastive_loss", "nearest_tokens", "personalize", "save_encoder",
+    "load_encoder", "nearest_neighbor_contrastive_loss", "nearest_tokens", "personalize", "save_encoder", "tune",
 ]
