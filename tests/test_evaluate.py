@@ -59,6 +59,8 @@ def test_rerun_skips_done_units_and_the_same_seeds_give_the_same_numbers(tiny_ru
     again = evaluate.main(["--preset", "tiny", "--output", str(output)])
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # skipped
     assert json.loads(redo.read_text())["prompts"] == json.loads(before)["prompts"]  # redone, same numbers
+    with pytest.raises(DATEncoderError, match="holds a run with other settings"):
+        evaluate.main(["--preset", "tiny", "--output", str(output), "--seed", "1"])
     for variant, s in again["variants"].items():
         assert {m: s[m] for m in METRICS} == {m: summary["variants"][variant][m] for m in METRICS}
 

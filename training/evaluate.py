@@ -193,6 +193,17 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     tmp.replace(path)
 
 
+def check_resumable(path: Path, settings: dict) -> None:
+    """The units in an output folder are reused only under the same settings (the variants may differ)."""
+    if not path.exists():
+        return
+    def comparable(d):
+        return {**d, "variants": None, "args": {**d["args"], "variants": None}}
+    if comparable(json.loads(path.read_text())) != comparable(json.loads(json.dumps(settings))):
+        raise DATEncoderError(f"{path.parent} holds a run with other settings ({path}); use another --output, "
+                              f"or the same arguments to resume it")
+
+
 def unit_path(output: Path, concept: str, variant: str) -> Path:
     return output / "units" / concept / f"{variant.replace(':', '_')}.json"
 
@@ -225,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     settings = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "tuning": tuning.to_dict(), "variants": [dataclasses.asdict(v) for v in variants],
                 "prompts": {kind: [dataclasses.asdict(p) for p in ps] for kind, ps in prompts.items()}}
+    check_resumable(args.output / "settings.json", settings)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(args.output / "settings.json", json.dumps(settings, indent=2))
 
