@@ -12,7 +12,7 @@ from .errors import DATEncoderError
 from .lora import LoRAFactors
 from .losses import diffusion_loss, embedding_l2_loss, nearest_neighbor_contrastive_loss
 from .sites import LoRASite, architecture_fingerprint, discover_sites
-from .tuning import personalize
+from .tuning import personalize, tune
 from .vocab import nearest_tokens
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "EncoderOutput", "LoRAConfig", "LoRAFactors", "LoRASite", "LossConfig", "TuningConfig",
     "architecture_fingerprint", "diffusion_loss", "discover_sites", "dual_path_attention", "embedding_l2_loss",
     "holds", "load_encoder", "nearest_neighbor_contrastive_loss", "nearest_tokens", "personalize", "save_encoder",
+    "tune",
 ]

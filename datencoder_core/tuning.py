@@ -20,6 +20,7 @@ from .concept import Concept
 from .config import TuningConfig
 from .encoder import DATEncoder, EncoderOutput
 from .errors import DATEncoderError
+from .lora import LoRAFactors
 from .losses import diffusion_loss
 from .sites import architecture_fingerprint
 from .vocab import nearest_tokens
@@ -56,16 +57,24 @@ def personalize(backend: PersonalizationBackend, encoder: DATEncoder, encoder_id
     Only v*, A and B get gradients; the backend's weights are never written. Same inputs and
     ``config.seed`` give the same concept.
     """
-    fingerprint = architecture_fingerprint(backend.sites, backend.token_embeddings.shape[1])
     if {s.name for s in encoder.sites} != {s.name for s in backend.sites}:
         raise DATEncoderError(f"the encoder ({encoder_id}) was trained for other LoRA sites than the loaded "
                               f"UNet has; is the checkpoint an SD1.x model?")
     generator = torch.Generator().manual_seed(config.seed)
     latents = backend.encode_latents(images)
     prediction = predict(backend, encoder, latents, images, config.encoder_timestep, generator)
-    v_anchor = prediction.v_star[0]
-    lora_anchor = prediction.lora.row(0)
+    return tune(backend, latents, prediction.v_star[0], prediction.lora.row(0), encoder_id,
+                encoder.lora_config.targets, config, generator, progress, interrupt)
 
+
+def tune(backend: PersonalizationBackend, latents: Tensor, v_anchor: Tensor, lora_anchor: LoRAFactors,
+         encoder_id: str, lora_targets: tuple[str, ...], config: TuningConfig, generator: torch.Generator,
+         progress: ProgressCallback | None = None, interrupt: Callable[[], None] | None = None) -> Concept:
+    """The ``config.steps`` AdamW steps of Sec. 4.4 from a given start (v*_0 (D,), unbatched A_0/B_0 per
+    site), which the L2 terms pull toward, on the concept ``latents`` (N, C, h, w). ``personalize`` starts
+    from the encoder's prediction; an encoder-free baseline (training.evaluate's ``scratch``) from its own.
+    ``generator`` draws the rows, timesteps and noise; the anchors are not written."""
+    fingerprint = architecture_fingerprint(backend.sites, backend.token_embeddings.shape[1])
     v_star = v_anchor.clone().requires_grad_(True)
     lora = lora_anchor.detached_clone()
     for tensor in lora.parameters():
@@ -99,7 +108,7 @@ def personalize(backend: PersonalizationBackend, encoder: DATEncoder, encoder_id
 
     token_id = _nearest_token(backend, v_star)
     return Concept(v_star.detach(), lora.detached_clone(), token_id, backend.decode_token(token_id), fingerprint,
-                   encoder_id, config, encoder.lora_config.targets)
+                   encoder_id, config, lora_targets)
 
 
 def _nearest_token(backend: PersonalizationBackend, v_star: Tensor) -> int:
