@@ -10,12 +10,23 @@ row only the LoRA offsets differ between paths, as in ComfyUI, where the patch s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-from datencoder_core import Concept, DualPathState
+from datencoder_core import Concept, DualPathState, LoRAFactors
 from datencoder_core.reference import DiffusersReferenceBackend
+
+
+@dataclass(frozen=True)
+class ConceptPrediction:
+    """What ``generate`` reads of a concept: v* (D,), unbatched LoRA factors and v*'s nearest token."""
+
+    v_star: Tensor
+    lora: LoRAFactors
+    token_id: int
 
 
 def sd15_ddim(steps: int) -> DDIMScheduler:
@@ -27,9 +38,11 @@ def sd15_ddim(steps: int) -> DDIMScheduler:
 
 
 @torch.no_grad()
-def generate(backend: DiffusersReferenceBackend, concept: Concept, template: str, seeds: list[int], *,
+def generate(backend: DiffusersReferenceBackend, concept: Concept | ConceptPrediction, template: str, seeds: list[int], *,
              alpha: float, steps: int = 50, guidance: float = 7.5) -> Tensor:
     """Images (len(seeds), H, W, 3) in [0, 1], float32 on the CPU, of ``template`` (``{}`` = the concept).
+    A concept is v*, its LoRA factors and its nearest token: a ``Concept``, or an encoder's prediction
+    (``ConceptPrediction``, what pretraining's sample grids draw).
 
     Image i starts from the latent noise of ``torch.Generator().manual_seed(seeds[i])``, so the same seed
     gives the same start for every variant and the same image on every rerun.

@@ -21,6 +21,7 @@ from datencoder_core.tuning import add_noise, predict
 from datencoder_core.vocab import nearest_tokens
 
 from training.data import sample_seed
+from training.sampling import ConceptPrediction, generate
 
 GAIN_PROMPT = "a photo of {}"
 SAMPLE_PROMPTS = ("a photo of {}", "a watercolor painting of {} on a beach")  # S* as is, then recontextualised
@@ -78,33 +79,20 @@ def encoder_gain(backend: DiffusersReferenceBackend, encoder: DATEncoder, held_o
 def sample_grid(backend: DiffusersReferenceBackend, encoder: DATEncoder, photos: Tensor, alpha: float,
                 steps: int, seed: int) -> Tensor:
     """One row per concept photo: the photo, then a generation per ``SAMPLE_PROMPTS`` with the encoder's
-    prediction (no tuning), DDIM with ``steps`` steps and classifier-free guidance. (3, H, W) in [0, 1]."""
-    from diffusers import DDIMScheduler
+    prediction (no tuning), ``training.sampling.generate`` (DDIM with ``steps`` steps, classifier-free
+    guidance, the dual path at ``alpha``). (3, H, W) in [0, 1]."""
     from torchvision.utils import make_grid
 
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
-    scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     size = photos.shape[1]
-    empty = backend.encode_prompt("", 0)
     tiles = []
-    for photo in photos:
-        latents = backend.encode_latents(photo[None])
-        prediction = predict(backend, encoder, latents, photo[None], 500, generator)
+    for index, photo in enumerate(photos):
+        prediction = predict(backend, encoder, backend.encode_latents(photo[None]), photo[None], 500, generator)
         token_id = int(nearest_tokens(prediction.v_star, backend.token_embeddings, 1, backend.special_token_ids)[0, 0])
+        concept = ConceptPrediction(prediction.v_star[0], prediction.lora.row(0), token_id)
         tiles.append(photo.movedim(-1, 0))
         for template in SAMPLE_PROMPTS:
-            prompt = backend.prompt_ids(template)
-            state = DualPathState(prediction.lora, alpha, backend.encode_prompt(prompt, token_id))
-            context = backend.encode_prompt(prompt, token_id, prediction.v_star[0])
-            z = torch.randn(latents.shape, generator=generator).to(latents)
-            for t in scheduler.timesteps:
-                t_batch = t.expand(1).to(backend.device)
-                cond = backend.predict_noise(z, t_batch, context, state)
-                uncond = backend.unet(z, t_batch, encoder_hidden_states=empty).sample
-                z = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, z).prev_sample
-            image = backend.vae.decode(z / backend.vae.config.scaling_factor).sample.float()
-            image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear")[0]
-            tiles.append(((image + 1) / 2).clamp(0, 1).cpu())
+            image = generate(backend, concept, template, [seed + index], alpha=alpha, steps=steps,
+                             guidance=GUIDANCE)[0].movedim(-1, 0)
+            tiles.append(torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear")[0])
     return make_grid(tiles, nrow=1 + len(SAMPLE_PROMPTS), padding=2)
