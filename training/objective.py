@@ -93,7 +93,8 @@ class PretrainingObjective:
         noisy, clip_tokens, unet_features, draws = self.encoder_inputs(images, positions)
         out = encoder(clip_tokens, unet_features)
         v_star = out.v_star.float()  # (b, D)
-        token_ids = nearest_tokens(v_star, self.vocab, 1, backend.special_token_ids)[:, 0].tolist()
+        nearest_ids = nearest_tokens(v_star, self.vocab, 1, backend.special_token_ids)[:, 0]  # (b,)
+        token_ids = nearest_ids.tolist()
         prompts = [self.prompts[i] for i in draws.templates]
         context = backend.encode_prompts(prompts, token_ids, v_star)
         with torch.no_grad():
@@ -109,7 +110,7 @@ class PretrainingObjective:
             terms["embedding_l2"] = embedding_l2_loss(v_star)
             weighted["embedding_l2"] = loss_config.embedding_l2_weight * terms["embedding_l2"]
         if regularization == "nearest":
-            nearest = self.vocab[nearest_tokens(v_star, self.vocab, 1, backend.special_token_ids)[:, 0]]
+            nearest = self.vocab[nearest_ids]
             terms["nearest"] = (1 - F.cosine_similarity(v_star, nearest, dim=-1)).mean()
             weighted["nearest"] = loss_config.contrastive_weight * terms["nearest"]
         if regularization == "contrastive":
