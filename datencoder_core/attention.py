@@ -23,15 +23,14 @@ a mask m_i only on the attention queries inside it: the soft path of query p is
 
 over the subsets S of the masked concepts: for binary masks, exactly the offsets of the concepts whose
 mask holds p (on q, and on k and v as this query sees them); a soft mask interpolates. Subsets with
-zero weight everywhere are not computed (non-overlapping masks cost one attention per region).
+zero weight at every query are not computed (two complementary sharp masks: one attention each).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import itertools
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F

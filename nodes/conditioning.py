@@ -47,11 +47,17 @@ def replace_placeholders(tokens: dict, spans: list[list[int]], replacements: lis
     return out, found
 
 
+def placeholder_problem(placeholder: str) -> str | None:
+    """None for a usable placeholder; else what is wrong and how to fix it (Concept List checks this when
+    a prompt is queued)."""
+    return None if placeholder.strip() else "the placeholder is empty; use a word such as S* (or S1*, S2*)"
+
+
 def prompt_problem(text: str, placeholder: str) -> str | None:
     """None when ``text`` contains a non-empty ``placeholder``; else what is wrong and how to fix it.
     Apply Concept Token checks this when a prompt is queued, before anything runs."""
-    if not placeholder.strip():
-        return "the placeholder is empty; use a word such as S*"
+    if (problem := placeholder_problem(placeholder)) is not None:
+        return problem
     if placeholder not in text:
         return (f"the prompt does not contain the placeholder {placeholder!r}: write it where the concept goes, "
                 f"e.g. 'a photo of {placeholder} on the beach'")

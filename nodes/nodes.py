@@ -17,7 +17,7 @@ from ..datencoder_core import (Concept, DATEncoder, DATEncoderError, TuningConfi
                                load_encoder, personalize)
 from . import compat, paths
 from .backend import ComfyUIBackend
-from .conditioning import encode_with_concepts, prompt_problem
+from .conditioning import encode_with_concepts, placeholder_problem, prompt_problem
 from .patching import comfy_sites, patch_model
 
 ConceptType = io.Custom("CONCEPT")
@@ -330,7 +330,7 @@ class DATEncoderConceptList(io.ComfyNode):
     def validate_inputs(cls, placeholder) -> bool | str:
         if placeholder is None:  # linked from another node: checked when it runs
             return True
-        return "the placeholder is empty; use a word such as S2*" if not placeholder.strip() else True
+        return placeholder_problem(placeholder) or True
 
     @classmethod
     def execute(cls, concept, placeholder, concept_list=None) -> io.NodeOutput:

@@ -221,3 +221,29 @@ def test_a_mask_of_the_wrong_batch_size_is_refused(comfy, concepts):
                        match="mask of concept 2 .* a batch of 3, the latent batch is 2"):
         with torch.no_grad():
             comfy_noise_prediction(model, [cond], latents, t)
+
+
+def test_the_nodes_chain_concept_lists_and_dual_path_patches(comfy, concepts):
+    """Concept List -> Concept List -> Apply Concept Token's more_concepts encodes the same as the function
+    with the three pairs in that order; two chained Dual-Path Model Patches hold both concepts and masks."""
+    from comfy.patcher_extension import WrappersMP
+
+    patching, conditioning, patcher, clip = comfy
+    nodes = pack_module("nodes.nodes")
+    third = _concept(comfy, 4, "hat")
+    (first_list,) = nodes.DATEncoderConceptList.execute(concepts[1], "S2*").result
+    (both,) = nodes.DATEncoderConceptList.execute(third, "S3*", first_list).result
+    assert [p for p, _ in both] == ["S2*", "S3*"]
+    text = "S1* and S2* with S3*"
+    (cond,) = nodes.DATEncoderApplyConceptToken.execute(clip, concepts[0], text, "S1*", both).result
+    [[expected, extras]] = conditioning.encode_with_concepts(clip, text, [("S1*", concepts[0]), *both])
+    assert torch.equal(cond[0][0], expected) and torch.equal(cond[0][1][patching.HARD_CONTEXT_KEY],
+                                                             extras[patching.HARD_CONTEXT_KEY])
+    (once,) = nodes.DATEncoderDualPathPatch.execute(patcher, concepts[0], 0.25, 1.0).result
+    (twice,) = nodes.DATEncoderDualPathPatch.execute(once, concepts[1], 0.25, 0.5, _left_half()).result
+    [wrapper] = twice.get_wrappers(WrappersMP.APPLY_MODEL, patching.WRAPPER_KEY)
+    assert [c.mask is None for c in wrapper.concepts] == [True, False]
+    assert [c.lora.scale for c in wrapper.concepts] == [concepts[0].lora.scale, 0.5 * concepts[1].lora.scale]
+    assert len(once.get_wrappers(WrappersMP.APPLY_MODEL, patching.WRAPPER_KEY)[0].concepts) == 1  # the input is untouched
+    assert nodes.DATEncoderConceptList.validate_inputs(" ") == ("the placeholder is empty; use a word such as S* "
+                                                               "(or S1*, S2*)")
