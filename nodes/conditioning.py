@@ -92,7 +92,8 @@ def encode_with_concepts(clip, text: str, concepts: list[tuple[str, Concept]]) -
     for i, (placeholder, _) in enumerate(concepts):
         for j, (earlier, _) in enumerate(concepts[:i]):
             if spans[j] == spans[i]:
-                same = repr(earlier) if earlier == placeholder else f"{earlier!r} and {placeholder!r} (CLIP ignores case)"
+                same = (repr(earlier) if earlier == placeholder
+                        else f"{earlier!r} and {placeholder!r} (CLIP ignores case)")
                 raise DATEncoderError(f"two concepts have the same placeholder {same}; give each concept its own, "
                                       f"e.g. S1* and S2*")
     soft_tokens, found = replace_placeholders(tokens, spans, [concept.v_star for _, concept in concepts])

@@ -17,7 +17,8 @@ TEXT = "a photo of S1* and S2* on the beach"
 def comfy(tiny_models):
     """The pack's patching and conditioning modules, a ComfyUI UNet and a ComfyUI CLIP, both 32-d."""
     patching = pack_module("nodes.patching")
-    return patching, pack_module("nodes.conditioning"), comfy_model_from_diffusers(tiny_models.unet), random_comfy_clip()
+    conditioning = pack_module("nodes.conditioning")
+    return patching, conditioning, comfy_model_from_diffusers(tiny_models.unet), random_comfy_clip()
 
 
 def _concept(comfy, seed, token="dog", lora_scale=0.1, v_star=None):
@@ -244,6 +245,7 @@ def test_the_nodes_chain_concept_lists_and_dual_path_patches(comfy, concepts):
     [wrapper] = twice.get_wrappers(WrappersMP.APPLY_MODEL, patching.WRAPPER_KEY)
     assert [c.mask is None for c in wrapper.concepts] == [True, False]
     assert [c.lora.scale for c in wrapper.concepts] == [concepts[0].lora.scale, 0.5 * concepts[1].lora.scale]
-    assert len(once.get_wrappers(WrappersMP.APPLY_MODEL, patching.WRAPPER_KEY)[0].concepts) == 1  # the input is untouched
+    [untouched] = once.get_wrappers(WrappersMP.APPLY_MODEL, patching.WRAPPER_KEY)
+    assert len(untouched.concepts) == 1  # stacking left its input MODEL as it was
     assert nodes.DATEncoderConceptList.validate_inputs(" ") == ("the placeholder is empty; use a word such as S* "
                                                                "(or S1*, S2*)")
