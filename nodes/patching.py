@@ -130,7 +130,7 @@ class PatchedConcept:
     lora: LoRAFactors
     mask: torch.Tensor | None
 
-    def on(self, device) -> "PatchedConcept":
+    def on(self, device) -> PatchedConcept:
         if next(iter(self.lora.down.values())).device == device:
             return self
         lora = LoRAFactors({k: v.to(device) for k, v in self.lora.down.items()},
@@ -157,7 +157,7 @@ class DualPathWrapper:
         self.concepts, self.alpha = concepts, alpha
         self._on_device = concepts
 
-    def add(self, concept: PatchedConcept) -> "DualPathWrapper":
+    def add(self, concept: PatchedConcept) -> DualPathWrapper:
         """A wrapper with ``concept`` after this one's (the stacking of a second Dual-Path Model Patch)."""
         return DualPathWrapper((*self.concepts, concept), self.alpha)
 
