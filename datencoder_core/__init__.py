@@ -3,13 +3,13 @@
 Paper: Arar et al., "Domain-Agnostic Tuning-Encoder for Fast Personalization of Text-To-Image Models".
 """
 
-from .attention import DualPathAttnProcessor, DualPathState, dual_path_attention
+from .attention import DualPathAttnProcessor, DualPathState, Region, dual_path_attention
 from .checkpoint import holds, load_encoder, save_encoder
 from .concept import Concept
 from .config import EncoderConfig, LoRAConfig, LossConfig, TuningConfig
 from .encoder import DATEncoder, EncoderOutput
 from .errors import DATEncoderError
-from .lora import LoRAFactors
+from .lora import LoRAFactors, LoRASum
 from .losses import diffusion_loss, embedding_l2_loss, nearest_neighbor_contrastive_loss
 from .sites import LoRASite, architecture_fingerprint, discover_sites
 from .tuning import personalize, tune
@@ -17,7 +17,7 @@ from .vocab import nearest_tokens
 
 __all__ = [
     "Concept", "DATEncoder", "DATEncoderError", "DualPathAttnProcessor", "DualPathState", "EncoderConfig",
-    "EncoderOutput", "LoRAConfig", "LoRAFactors", "LoRASite", "LossConfig", "TuningConfig",
+    "EncoderOutput", "LoRAConfig", "LoRAFactors", "LoRASite", "LoRASum", "LossConfig", "Region", "TuningConfig",
     "architecture_fingerprint", "diffusion_loss", "discover_sites", "dual_path_attention", "embedding_l2_loss",
     "holds", "load_encoder", "nearest_neighbor_contrastive_loss", "nearest_tokens", "personalize", "save_encoder",
     "tune",

@@ -57,3 +57,16 @@ class LoRAFactors:
 
     def parameters(self) -> list[Tensor]:
         return [*self.down.values(), *self.up.values()]
+
+
+@dataclass
+class LoRASum:
+    """Several concepts' offsets at once, as stacked LoRAs add: x @ (sum_i dW_i)^T, each part with its own
+    scale (a concept's strength times alpha / r)."""
+
+    parts: tuple[LoRAFactors, ...]
+
+    def delta(self, site: str, x: Tensor) -> Tensor:
+        """sum_i x @ dW_i^T, (N, T, D_out) in x's dtype; every part must have ``site``."""
+        first, *rest = (part.delta(site, x) for part in self.parts)
+        return sum(rest, first)

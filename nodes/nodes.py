@@ -17,10 +17,11 @@ from ..datencoder_core import (Concept, DATEncoder, DATEncoderError, TuningConfi
                                load_encoder, personalize)
 from . import compat, paths
 from .backend import ComfyUIBackend
-from .conditioning import encode_with_concept, prompt_problem
+from .conditioning import encode_with_concepts, placeholder_problem, prompt_problem
 from .patching import comfy_sites, patch_model
 
 ConceptType = io.Custom("CONCEPT")
+ConceptListType = io.Custom("CONCEPT_LIST")  # a tuple of (placeholder, Concept), from Concept List
 EncoderType = io.Custom("DATENCODER")
 logger = logging.getLogger("datencoder")
 # What the editor's node search also matches (ComfyUI 0.30 and newer; compat.schema_options).
@@ -280,21 +281,60 @@ class DATEncoderDualPathPatch(io.ComfyNode):
             node_id="DATEncoderDualPathPatch", display_name="Dual-Path Model Patch",
             description="A copy of the model that samples with the concept: every attention module blends "
                         "the concept's path (LoRA + soft prompt) with the original one (nearest word), "
-                        "out = a * concept + (1 - a) * original. Use it with Apply Concept Token.",
-            inputs=[io.Model.Input("model", tooltip="the SD1.x MODEL the concept was made with"),
+                        "out = a * concept + (1 - a) * original. Use it with Apply Concept Token. On a model "
+                        "already patched it adds the concept (chain one per concept).",
+            inputs=[io.Model.Input("model", tooltip="the SD1.x MODEL the concept was made with, or one already "
+                                                    "patched with other concepts (this one is added)"),
                     ConceptType.Input("concept", tooltip="from Personalize Concept or Load Concept"),
                     io.Float.Input("alpha_blend", default=0.25, min=0.0, max=1.0, step=0.01,
                                    tooltip="the dual-path blend WHILE SAMPLING, 0-1 (the paper: 0.25): 0 = the "
                                            "original model with the nearest word, 1 = plain LoRA. Independent of "
-                                           "Personalize Concept's alpha_blend, used while tuning"),
+                                           "Personalize Concept's alpha_blend, used while tuning; one value for "
+                                           "all chained concepts"),
                     io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
-                                   tooltip="scale of the concept's LoRA offsets, 0-2 (1 = as tuned)")],
-            outputs=[io.Model.Output(tooltip="a patched copy of the model, for KSampler")],
+                                   tooltip="scale of this concept's LoRA offsets, 0-2 (1 = as tuned)"),
+                    io.Mask.Input("mask", optional=True,
+                                  tooltip="optional: where this concept's LoRA acts (white = on); the image's "
+                                          "size, one mask or one per image of the batch; none = everywhere")],
+            outputs=[io.Model.Output(tooltip="a patched copy of the model, for KSampler or the next concept's "
+                                             "Dual-Path Model Patch")],
         )
 
     @classmethod
-    def execute(cls, model, concept, alpha_blend, lora_strength) -> io.NodeOutput:
-        return io.NodeOutput(patch_model(model, concept, alpha_blend, lora_strength))
+    def execute(cls, model, concept, alpha_blend, lora_strength, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(patch_model(model, concept, alpha_blend, lora_strength, mask))
+
+
+class DATEncoderConceptList(io.ComfyNode):
+    """Several concepts in one prompt: each Concept List node adds one concept with its placeholder,
+    chained, for Apply Concept Token's ``more_concepts``."""
+
+    @classmethod
+    def define_schema(cls):
+        return _schema(
+            node_id="DATEncoderConceptList", display_name="Concept List",
+            description="A concept with its own placeholder, for a prompt with several concepts: connect it to "
+                        "Apply Concept Token's more_concepts; chain Concept Lists for a third concept and more.",
+            inputs=[ConceptType.Input("concept", tooltip="from Personalize Concept or Load Concept"),
+                    io.String.Input("placeholder", default="S2*",
+                                    tooltip="the word that stands for this concept in Apply Concept Token's text; "
+                                            "each concept needs its own"),
+                    ConceptListType.Input("concept_list", optional=True,
+                                          tooltip="optional: the concepts of another Concept List, kept before "
+                                                  "this one")],
+            outputs=[ConceptListType.Output(tooltip="the concepts with their placeholders, for Apply Concept "
+                                                    "Token's more_concepts")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, placeholder) -> bool | str:
+        if placeholder is None:  # linked from another node: checked when it runs
+            return True
+        return placeholder_problem(placeholder) or True
+
+    @classmethod
+    def execute(cls, concept, placeholder, concept_list=None) -> io.NodeOutput:
+        return io.NodeOutput((*(concept_list or ()), (placeholder, concept)))
 
 
 class DATEncoderApplyConceptToken(io.ComfyNode):
@@ -302,14 +342,18 @@ class DATEncoderApplyConceptToken(io.ComfyNode):
     def define_schema(cls):
         return _schema(
             node_id="DATEncoderApplyConceptToken", display_name="Apply Concept Token",
-            description="Encodes a prompt in which the placeholder stands for the concept.",
+            description="Encodes a prompt in which the placeholder stands for the concept (and each Concept "
+                        "List placeholder for its concept).",
             inputs=[io.Clip.Input("clip", tooltip="the checkpoint's CLIP (SD1.x)"),
                     ConceptType.Input("concept", tooltip="from Personalize Concept or Load Concept"),
                     io.String.Input("text", multiline=True, default="a photo of S* on the beach",
                                     tooltip="the prompt, with the placeholder where the concept goes"),
                     io.String.Input("placeholder", default="S*",
                                     tooltip="the word in text that stands for the concept (default S*); a prompt "
-                                            "without it is refused when queued")],
+                                            "without it is refused when queued"),
+                    ConceptListType.Input("more_concepts", optional=True,
+                                          tooltip="optional: more concepts in the same prompt, each with its own "
+                                                  "placeholder, from Concept List")],
             outputs=[io.Conditioning.Output(tooltip="the positive prompt for KSampler, with the Dual-Path Model "
                                                     "Patch's model")],
         )
@@ -321,8 +365,8 @@ class DATEncoderApplyConceptToken(io.ComfyNode):
         return prompt_problem(text, placeholder) or True
 
     @classmethod
-    def execute(cls, clip, concept, text, placeholder) -> io.NodeOutput:
-        return io.NodeOutput(encode_with_concept(clip, text, concept, placeholder))
+    def execute(cls, clip, concept, text, placeholder, more_concepts=None) -> io.NodeOutput:
+        return io.NodeOutput(encode_with_concepts(clip, text, [(placeholder, concept), *(more_concepts or ())]))
 
 
 class DATEncoderExtension(ComfyExtension):
@@ -333,5 +377,6 @@ class DATEncoderExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         paths.register()  # the Loader and Load Concept schemas list these folders
         nodes = [DATEncoderLoader, DATEncoderPersonalize, DATEncoderLoadConcept, DATEncoderSaveConcept,
-                 DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderApplyConceptToken]
+                 DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderConceptList,
+                 DATEncoderApplyConceptToken]
         return compat.refuse_unsupported(nodes, compat.running_version())

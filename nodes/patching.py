@@ -11,6 +11,13 @@ Host hooks, all on a clone so the input MODEL is never changed, all ComfyUI's pu
 * ``WrappersMP.APPLY_MODEL`` -> ``DualPathWrapper``: per model call, takes the batched hard context out
   of the model inputs and puts a ``DualPathState`` into ``transformer_options``.
 
+Several concepts: applying the patch to an already patched MODEL adds the concept, as IPAdapter's
+``Attn2Replace.add`` stacks: the clone's ``DualPathWrapper`` is replaced by one holding every concept so
+far, each with its strength and optional mask; the attention patches stay. The semantics (soft path
+W + sum_i s_i dW_i, masked offsets only on the queries inside their mask, hard path W, one alpha) are in
+``datencoder_core.attention``. With one concept and no mask the state holds that concept's factors
+alone, so the output is bit for bit the one-concept output.
+
 Other packs' attention patches: ``attn1_patch`` / ``attn2_patch`` (which edit the attention inputs
 before it runs) work together with the dual path, as long as they keep the value equal to the
 context and the context's shape. An ``attn2_replace`` patch (IPAdapter's way) replaces the cross-
@@ -20,10 +27,14 @@ when sampling.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import comfy.conds
 import comfy.utils
+import torch
+import torch.nn.functional as F
 from comfy.patcher_extension import WrappersMP
-from ..datencoder_core import (Concept, DATEncoderError, DualPathState, LoRAConfig, LoRAFactors,
+from ..datencoder_core import (Concept, DATEncoderError, DualPathState, LoRAConfig, LoRAFactors, LoRASum, Region,
                                architecture_fingerprint, discover_sites)
 from ..datencoder_core.attention import dual_path_forward, sites_by_attention
 from ..datencoder_core.sites import LoRASite
@@ -111,19 +122,52 @@ def _with_hard_context(cond: dict) -> dict:
     return {**cond, "model_conds": {**cond.get("model_conds", {}), HARD_CONTEXT_KEY: comfy.conds.CONDCrossAttn(hard)}}
 
 
+@dataclass(frozen=True)
+class PatchedConcept:
+    """One concept on a patched model: its factors, scaled by its LoRA strength, and its ComfyUI MASK as
+    (B, 1, H, W) floats, or None (its offsets act everywhere)."""
+
+    lora: LoRAFactors
+    mask: torch.Tensor | None
+
+    def on(self, device) -> PatchedConcept:
+        if next(iter(self.lora.down.values())).device == device:
+            return self
+        lora = LoRAFactors({k: v.to(device) for k, v in self.lora.down.items()},
+                           {k: v.to(device) for k, v in self.lora.up.items()}, self.lora.scale)
+        return PatchedConcept(lora, None if self.mask is None else self.mask.to(device))
+
+    def latent_mask(self, x: torch.Tensor, chunks: int, number: int) -> torch.Tensor:
+        """The mask at the latent size of ``x`` (N, C, h, w), one row per row of x: x holds ``chunks``
+        conditionings (cond, uncond, ...) of the latent batch each; the mask has one row or one per latent."""
+        batch = x.shape[0] // chunks
+        if self.mask.shape[0] not in (1, batch):
+            raise DATEncoderError(f"the mask of concept {number} (Dual-Path Model Patch) has a batch of "
+                                  f"{self.mask.shape[0]}, the latent batch is {batch}: give one mask for every image, "
+                                  f"or one per image of the batch")
+        mask = F.interpolate(self.mask, size=x.shape[-2:], mode="area").to(x.dtype)
+        return mask.expand(batch, -1, -1, -1).repeat(chunks, 1, 1, 1)
+
+
 class DualPathWrapper:
     """``WrappersMP.APPLY_MODEL`` wrapper: gives every model call its ``DualPathState``, with the
-    concept's LoRA factors on the call's device and the hard context batched like the prompt."""
+    concepts' LoRA factors and masks on the call's device and the hard context batched like the prompt."""
 
-    def __init__(self, lora: LoRAFactors, alpha: float):
-        self.lora, self.alpha = lora, alpha
-        self._on_device: LoRAFactors | None = None
+    def __init__(self, concepts: tuple[PatchedConcept, ...], alpha: float):
+        self.concepts, self.alpha = concepts, alpha
+        self._on_device = concepts
 
-    def _lora_on(self, device) -> LoRAFactors:
-        if self._on_device is None or next(iter(self._on_device.down.values())).device != device:
-            self._on_device = LoRAFactors({k: v.to(device) for k, v in self.lora.down.items()},
-                                          {k: v.to(device) for k, v in self.lora.up.items()}, self.lora.scale)
-        return self._on_device
+    def add(self, concept: PatchedConcept) -> DualPathWrapper:
+        """A wrapper with ``concept`` after this one's (the stacking of a second Dual-Path Model Patch)."""
+        return DualPathWrapper((*self.concepts, concept), self.alpha)
+
+    def _state(self, x: torch.Tensor, hard: torch.Tensor, chunks: int) -> DualPathState:
+        self._on_device = tuple(concept.on(x.device) for concept in self._on_device)
+        everywhere = [concept.lora for concept in self._on_device if concept.mask is None]
+        lora = everywhere[0] if len(everywhere) == 1 else LoRASum(tuple(everywhere)) if everywhere else None
+        regions = tuple(Region(concept.lora, concept.latent_mask(x, chunks, number))
+                        for number, concept in enumerate(self._on_device, 1) if concept.mask is not None)
+        return DualPathState(lora, self.alpha, hard, regions)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                  **kwargs):
@@ -132,17 +176,26 @@ class DualPathWrapper:
             raise DATEncoderError("the Dual-Path Model Patch got a model call without its hard prompt: sample "
                                   "with one of ComfyUI's sampler nodes (KSampler, SamplerCustom, ...)")
         _refuse_attn2_replace(transformer_options)
-        state = DualPathState(self._lora_on(x.device), self.alpha, hard)
+        state = self._state(x, hard, len(transformer_options.get("cond_or_uncond", [None])))
         options = {**transformer_options, STATE_KEY: state}
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
-def patch_model(patcher, concept: Concept, alpha: float, lora_strength: float = 1.0):
-    """A clone of ``patcher`` that samples with ``concept`` through the dual path (Eq. 5). One concept
-    per model: a model that already carries one is refused, as is one with attn2_replace patches."""
-    if patcher.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
-        raise DATEncoderError("this MODEL already went through a Dual-Path Model Patch; DATEncoder applies one "
-                              "concept per model: patch the original MODEL instead")
+def _mask_batch(mask: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI MASK, (H, W) or (B, H, W), as (B, 1, H, W) float32; anything else is refused."""
+    if mask.ndim not in (2, 3):
+        raise DATEncoderError(f"the mask of Dual-Path Model Patch has the shape {tuple(mask.shape)}; expected a "
+                              f"ComfyUI MASK, (height, width) or (batch, height, width), e.g. from Load Image's "
+                              f"mask or Solid Mask")
+    return mask.reshape(-1, 1, *mask.shape[-2:]).float()
+
+
+def patch_model(patcher, concept: Concept, alpha: float, lora_strength: float = 1.0,
+                mask: torch.Tensor | None = None):
+    """A clone of ``patcher`` that samples with ``concept`` through the dual path (Eq. 5), its LoRA offsets
+    scaled by ``lora_strength`` and, with a ComfyUI MASK, acting only inside it. A model already patched
+    gets the concept added to its concepts (same ``alpha`` required); one with attn2_replace patches, or a
+    concept for another base model, is refused."""
     _refuse_attn2_replace(patcher.model_options.get("transformer_options", {}))
     sites, _ = comfy_sites(patcher)
     fingerprint = architecture_fingerprint(sites, patcher.model.model_config.unet_config["context_dim"])
@@ -150,8 +203,20 @@ def patch_model(patcher, concept: Concept, alpha: float, lora_strength: float = 
         raise DATEncoderError(f"the concept (encoder {concept.encoder_id}) was made for another base model "
                               f"(fingerprint {concept.base_fingerprint}, this MODEL's is {fingerprint}); "
                               f"use an SD1.x checkpoint")
+    added = PatchedConcept(LoRAFactors(concept.lora.down, concept.lora.up, concept.lora.scale * lora_strength),
+                           None if mask is None else _mask_batch(mask))
+    stacked = patcher.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    if stacked:
+        [previous] = stacked
+        if previous.alpha != alpha:
+            raise DATEncoderError(f"this MODEL already samples {len(previous.concepts)} concept(s) at alpha_blend "
+                                  f"{previous.alpha}; all concepts share one blend: set this Dual-Path Model Patch's "
+                                  f"alpha_blend to {previous.alpha} too (or change both)")
+        clone = patcher.clone()
+        clone.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+        clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, previous.add(added))
+        return clone
     clone, _ = with_dual_path_attention(patcher)
-    lora = LoRAFactors(concept.lora.down, concept.lora.up, concept.lora.scale * lora_strength)
     clone.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY, add_hard_contexts)
-    clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, DualPathWrapper(lora, alpha))
+    clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, DualPathWrapper((added,), alpha))
     return clone

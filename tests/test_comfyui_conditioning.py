@@ -34,7 +34,7 @@ def test_concept_of_a_real_word_equals_writing_the_word(clip, conditioning, text
     [cat] = conditioning.placeholder_ids(clip, "cat")
     table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
     concept = _concept(clip, cat, table[cat].detach().clone())
-    [[soft, extras]] = conditioning.encode_with_concept(clip, text, concept)
+    [[soft, extras]] = conditioning.encode_with_concepts(clip, text, [("S*", concept)])
     expected, pooled = _plain(clip, text.replace("S*", "cat"))
     assert torch.allclose(soft, expected, atol=1e-5)
     assert torch.allclose(extras["pooled_output"], pooled, atol=1e-5)
@@ -44,7 +44,7 @@ def test_concept_of_a_real_word_equals_writing_the_word(clip, conditioning, text
 def test_soft_and_hard_prompts_differ_from_the_concept_token_on(clip, conditioning):
     [cat] = conditioning.placeholder_ids(clip, "cat")
     concept = _concept(clip, cat, torch.randn(32))
-    [[soft, extras]] = conditioning.encode_with_concept(clip, "a photo of S* in the snow", concept)
+    [[soft, extras]] = conditioning.encode_with_concepts(clip, "a photo of S* in the snow", [("S*", concept)])
     hard = extras[pack_module("nodes.patching").HARD_CONTEXT_KEY]
     slot = 4  # start, a, photo, of, S*
     assert torch.equal(soft[:, :slot], hard[:, :slot])  # causal text encoder
@@ -58,4 +58,4 @@ def test_soft_and_hard_prompts_differ_from_the_concept_token_on(clip, conditioni
 def test_missing_or_glued_placeholder_is_a_clear_error(clip, conditioning, text, message):
     error = pack_module("datencoder_core").DATEncoderError
     with pytest.raises(error, match=message):
-        conditioning.encode_with_concept(clip, text, _concept(clip, 1, torch.randn(32)))
+        conditioning.encode_with_concepts(clip, text, [("S*", _concept(clip, 1, torch.randn(32)))])

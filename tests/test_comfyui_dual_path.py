@@ -133,14 +133,6 @@ def test_fingerprint_agrees_with_the_reference_backend(comfy, backend):
     assert architecture_fingerprint(sites, 32) == architecture_fingerprint(backend.sites, 32)
 
 
-def test_a_second_concept_on_a_patched_model_is_refused(comfy, concept):
-    patching, patcher = comfy
-    patched = patching.patch_model(patcher, concept, 0.25)
-    with pytest.raises(pack_module("datencoder_core").DATEncoderError,
-                       match="already went through a Dual-Path Model Patch"):
-        patching.patch_model(patched, concept, 0.25)
-
-
 def test_calls_without_a_concept_run_comfyuis_own_attention(comfy, backend, concept):
     """The plain (negative-only or unpatched-conditioning) path is ComfyUI's forward, bit for bit."""
     patching, patcher = comfy

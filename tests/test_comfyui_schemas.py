@@ -9,7 +9,7 @@ from training.comfyui import pack_module
 def test_execute_parameters_equal_schema_inputs():
     extension = pack_module("nodes.nodes").DATEncoderExtension()
     nodes = asyncio.run(extension.get_node_list())
-    assert len(nodes) == 7
+    assert len(nodes) == 8
     for node in nodes:
         declared = [spec.id for spec in node.define_schema().inputs]
         assert list(inspect.signature(node.execute).parameters) == declared, node.__name__

@@ -24,6 +24,7 @@ NODES = {
     "DATEncoderSaveConcept": (["CONCEPT"], []),
     "DATEncoderExportConcept": (["CONCEPT"], []),
     "DATEncoderDualPathPatch": (["MODEL", "CONCEPT"], ["MODEL"]),
+    "DATEncoderConceptList": (["CONCEPT"], ["CONCEPT_LIST"]),
     "DATEncoderApplyConceptToken": (["CLIP", "CONCEPT"], ["CONDITIONING"]),
 }
 TUNING = TuningConfig(steps=7, lr=1e-3, alpha_blend=0.5, seed=3)

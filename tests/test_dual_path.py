@@ -136,3 +136,17 @@ def test_remove_restores_original_processors():
     assert {type(p).__name__ for p in models.unet.attn_processors.values()} == {"DualPathAttnProcessor"}
     backend.remove()
     assert {k: type(p) for k, p in models.unet.attn_processors.items()} == before
+
+
+def test_a_concept_mask_follows_the_unets_rounding_at_every_resolution():
+    """A 9x7 latent: the UNet's levels are 9x7, 5x4, 3x2, 2x1 (stride-2 convolutions round up)."""
+    from datencoder_core import DATEncoderError
+    from datencoder_core.attention import mask_at
+
+    mask = torch.zeros(1, 1, 9, 7)
+    mask[..., :4] = 1.0
+    assert torch.equal(mask_at(mask, 63), mask.flatten(1).unsqueeze(-1))
+    assert [mask_at(mask, tokens).shape[1] for tokens in (20, 6, 2)] == [20, 6, 2]
+    assert mask_at(mask, 2).flatten().tolist() == pytest.approx([4 / 7, 4 / 7])  # 2 rows x 1 column: area average
+    with pytest.raises(DATEncoderError, match="matches no attention resolution of 50 tokens"):
+        mask_at(mask, 50)

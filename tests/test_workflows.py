@@ -6,13 +6,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from datencoder_core import Concept, LoRAConfig, TuningConfig
+from datencoder_core import Concept, LoRAConfig, LoRAFactors, TuningConfig, architecture_fingerprint, load_encoder
+from training import demo_models
 from training.comfyui import REPO, ComfyUIServer
 from training.demo import prepare_base_directory, use_demo_models
 
-WORKFLOWS = ["personalize_and_generate", "save_and_reuse_concept"]
+WORKFLOWS = ["personalize_and_generate", "save_and_reuse_concept", "two_concepts"]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -113,3 +115,29 @@ def test_api_workflows_personalize_save_then_reuse_and_export(server):
     assert shown[0] == nearest and shown[1].startswith("tuning: steps=2, lr=0.002, alpha_blend=0.25, ")
     assert (base / "models" / "loras" / "my_concept.safetensors").is_file()
     assert (base / "models" / "embeddings" / "my_concept.safetensors").is_file()
+
+
+def _demo_concept(demo_models_folder, word: str, seed: int, vocab: dict) -> Concept:
+    """A concept for the demo checkpoint (the demo encoder's sites and fingerprint), random v* and LoRA."""
+    encoder, encoder_id = load_encoder(demo_models_folder / "datencoder" / demo_models.ENCODER)
+    g = torch.Generator().manual_seed(seed)
+    lora = LoRAFactors({s.name: torch.randn(4, s.in_features, generator=g) * 0.1 for s in encoder.sites},
+                       {s.name: torch.randn(s.out_features, 4, generator=g) * 0.01 for s in encoder.sites}, 1.0)
+    return Concept(torch.randn(encoder.config.token_dim, generator=g) * 0.4, lora, vocab[f"{word}</w>"], f"{word}</w>",
+                   architecture_fingerprint(encoder.sites, encoder.config.token_dim), encoder_id, TuningConfig(),
+                   LoRAConfig().targets)
+
+
+def test_api_workflow_two_concepts_in_one_prompt_with_masks(server, demo_models_folder, comfyui_release):
+    """Two Load Concept nodes (the names a second photo through the first workflow gives), each through its
+    own masked Dual-Path Model Patch, and one prompt with S1* and S2*."""
+    vocab = json.loads((comfyui_release / "comfy" / "sd1_tokenizer" / "vocab.json").read_text())
+    folder = server.base / "models" / "datencoder_concepts"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, word, seed in [("my_concept", "dog", 1), ("my_concept_00001", "backpack", 2)]:
+        _demo_concept(demo_models_folder, word, seed, vocab).save(folder / f"{name}.safetensors")
+    run = server.run(_quick(_load("two_concepts", api=True)))
+    images = _images(server.base, run)
+    assert len(images) == 2 and all(i.shape == (128, 128, 3) for i in images)
+    shown = [run.history["outputs"][node]["text"][0].splitlines()[0] for node in ("2", "3")]
+    assert shown == ["nearest word: dog</w>", "nearest word: backpack</w>"]
