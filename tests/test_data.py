@@ -245,3 +245,37 @@ def test_a_pretraining_run_on_mixed_shards_and_bad_images_goes_on_and_checkpoint
     state = torch.load(out / "checkpoints" / "step-0000002" / "custom_checkpoint_1.pkl", weights_only=True)
     assert state["step"] == 2 and len(state["data"]) == 1 and len(state["data"][0]) == 2
     assert all(worker["draws"] >= 2 for worker in state["data"][0])
+
+
+def test_latent_cache_holds_the_latents_of_the_crops_training_reads(tmp_path, tiny_models):
+    """cache_latents (tiny VAE) beside 2 shards of textured images (a flat one leaves GroupNorm ill-conditioned);
+    the streaming loader then yields the cached latents with the centre crops they were made from, and the
+    objective's frozen half is the same with them as when it encodes the images itself."""
+    from training.cache_latents import main as cache_latents
+    from training.objective import PretrainingObjective
+    from training.pretrain_config import resolve_config
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (24, 32 + i, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    make_shards(tmp_path / "photos", tmp_path / "shards", None, 4, 1, 0)
+    spec = f"{tmp_path}/shards/{{00000..00001}}.tar"
+    assert cache_latents(["--data", spec, "--models", "tiny", "--min-image-side", "8", "--batch", "3"]) == 8
+    assert cache_latents(["--data", spec, "--models", "tiny"]) == 0  # complete caches are kept
+    mix = data.open_sources([spec])
+    loader = streams.MixedStream(mix, image_size=tiny_models.image_size, seed=0, local_batch=4, rank=0, world=1,
+                                 num_workers=0, block=8, min_side=8, excluded=frozenset())
+    assert loader.use_latents
+    batch = next(iter(loader))
+    backend = tiny_models.backend()
+    try:
+        encoded = backend.encode_latents(batch.images)  # stored as float16: equal within 1 ulp of that
+        assert ((batch.latents - encoded).abs() <= encoded.abs() * 2.0 ** -10 + 1e-6).all()
+        objective = PretrainingObjective(backend, resolve_config("tiny"))
+        positions = torch.arange(4)
+        cached = objective.encoder_inputs(batch.images, positions, batch.latents)
+        for a, b in zip(cached[:3], objective.encoder_inputs(batch.images, positions)[:3]):
+            torch.testing.assert_close(a, b, atol=5e-3, rtol=1e-2)
+    finally:
+        backend.remove()

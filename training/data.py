@@ -228,6 +228,7 @@ class Batch(NamedTuple):
     events: Counter  # this batch's decode events ("converted_cmyk": 1, "skipped_corrupt": 2, ...)
     worker: int = 0
     state: dict | None = None  # streaming: the worker's read position after this batch
+    latents: torch.Tensor | None = None  # (b, 4, h, w) from the latent cache (training.cache_latents), or None
 
 
 class ProcessShard(Dataset):

@@ -20,8 +20,11 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from training.shards import Cached
+
 EVENTS = ("converted_cmyk", "converted_16bit", "converted_grey", "converted_palette", "converted_rgba",
-          "skipped_not_an_image", "skipped_corrupt", "skipped_too_small", "skipped_unsupported_mode")
+          "skipped_not_an_image", "skipped_corrupt", "skipped_too_small", "skipped_unsupported_mode",
+          "skipped_no_latent")  # the last: training on a latent cache, an image the cache has no latent for
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I")
 WITH_ALPHA = ("RGBA", "LA", "PA")
 
@@ -31,9 +34,11 @@ class Decoded(NamedTuple):
     event: str | None  # "converted_<kind>", "skipped_<reason>", or None for a plain RGB image
 
 
-def decode_image(payload: bytes | np.ndarray, min_side: int) -> Decoded:
-    """The pixels of one image file's bytes (or of an already decoded (H, W, C) uint8 array), or the
-    reason it is skipped. Never raises for bad data."""
+def decode_image(payload: bytes | np.ndarray | Cached, min_side: int) -> Decoded:
+    """The pixels of one image file's bytes (or of an already decoded (H, W, C) uint8 array, or of a
+    cached shard sample's image), or the reason it is skipped. Never raises for bad data."""
+    if isinstance(payload, Cached):
+        payload = payload.image
     if isinstance(payload, np.ndarray):
         return _to_rgb(Image.fromarray(payload), min_side)
     try:

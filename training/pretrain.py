@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> Path:
         events.counts.update(batch.events)
         with accelerator.accumulate(encoder), accelerator.autocast():
             out = objective(encoder, batch.images.to(accelerator.device), batch.positions, accelerator.gather,
-                            accelerator.process_index, accelerator.num_processes)
+                            accelerator.process_index, accelerator.num_processes, batch.latents)
             accelerator.backward(out.objective)
             grad_norm = accelerator.clip_grad_norm_(trainable, training.max_grad_norm)
             optimizer.step()

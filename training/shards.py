@@ -7,7 +7,8 @@
 LAION, COYO and DataComp subsets as img2dataset downloads them are this layout; so are the shards that
 ``training.make_shards`` (image folders, ImageNet) and ``training.prepare_openimages`` write. ``--data``
 names them with brace expansion: ``--data "SHARDS/{00000..01023}.tar"``. A unit of a ``ShardSource`` is
-one shard (``training.data``).
+one shard (``training.data``). Where every shard has its latent cache (``NAME.latents.safetensors``,
+``training.cache_latents``), a sample comes with its cached latent.
 
 Shards are written under a temporary name and renamed when complete, one shard per job, by a process
 pool: a command interrupted and run again writes only the missing shards.
@@ -20,9 +21,11 @@ import multiprocessing
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
+import torch
 from braceexpand import braceexpand
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -37,8 +40,20 @@ def is_shard_spec(spec: str) -> bool:
     return spec.endswith(".tar") or (".tar" in spec and "{" in spec)
 
 
+class Cached(NamedTuple):
+    """A shard sample's image bytes and its cached latent (None: the cache has none for it)."""
+
+    image: bytes
+    latent: torch.Tensor | None  # (4, h, w) float16
+
+
+def cache_path(shard: Path) -> Path:
+    return shard.with_name(f"{shard.name.removesuffix('.tar')}.latents.safetensors")
+
+
 class ShardSource:
-    """The shards a brace pattern names, in its order; every one must exist."""
+    """The shards a brace pattern names, in its order; every one must exist. ``cache_size``: the
+    resolution of the latent caches if every shard has one, else None."""
 
     indexable = False
 
@@ -50,15 +65,24 @@ class ShardSource:
             raise DATEncoderError(f"--data {spec}: shard {missing[0]} does not exist ({len(missing)} of the "
                                   f"{len(self.shards)} shards the pattern names are missing); fix the pattern "
                                   f"(e.g. DIR/{{00000..00099}}.tar) or write the shards again")
+        self.cache_size = None
+        if all(cache_path(p).is_file() for p in self.shards):
+            with safe_open(str(cache_path(self.shards[0])), "pt") as cache:
+                self.cache_size = int(cache.metadata()["image_size"])
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def read(self, unit: int) -> Iterator[tuple[str, bytes, str]]:
-        """Shard ``unit``'s samples: (key, image bytes (b"" if the sample has none), caption or "")."""
+    def read(self, unit: int) -> Iterator[tuple[str, bytes | Cached, str]]:
+        """Shard ``unit``'s samples: (key, image bytes (b"" if the sample has none) or ``Cached``, caption or "")."""
+        latents = None
+        if self.cache_size is not None:
+            with safe_open(str(cache_path(self.shards[unit])), "pt") as cache:
+                latents = {key: cache.get_tensor(key) for key in cache.keys()}
         for sample in read_shard(self.shards[unit]):
             image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), b"")
-            yield sample["__key__"], image, sample.get("txt", b"").decode("utf-8", "replace").strip()
+            key, word = sample["__key__"], sample.get("txt", b"").decode("utf-8", "replace").strip()
+            yield key, image if latents is None else Cached(image, latents.get(key)), word
 
 
 def read_shard(path: Path) -> Iterator[dict[str, Any]]:

@@ -20,6 +20,10 @@ worker s0 mod W), and each batch carries its worker's position after it; the loa
 same processes and workers (checked). Unlike the exact folder path (``training.data``), a step's samples
 depend on the number of processes and workers: the same data, not the same batches.
 
+Latent cache. When every source is shards with a complete cache at the models' resolution
+(``training.cache_latents``), each batch carries the cached latents, and the images are the same centre
+crops the latents were made from (no random crop or flip); else the cache is not used (logged).
+
 Held-out images (the encoder gain): the first ``n`` that decode, reading the first source's units in a
 seeded order; their keys are never trained on.
 """
@@ -37,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datencoder_core.errors import DATEncoderError
 from training.data import Batch, ImageSource, Mix, Raw, sample_seed, square_crop
-from training.decode import decode_image
+from training.decode import Decoded, decode_image
 
 logger = logging.getLogger("datencoder.data")
 HELDOUT = 2**32 - 1  # the held-out images' order: a seed no epoch reaches
@@ -123,6 +127,7 @@ class MixedStream(IterableDataset):
         for index, source in enumerate(mix.sources):  # refuse too few units before any worker starts
             Reader(source, index, seed, 0, self.slots, block, frozenset())
         self.weights = np.cumsum(mix.weights) / sum(mix.weights)
+        self.use_latents = all(getattr(s, "cache_size", None) == image_size for s in mix.sources)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -133,21 +138,27 @@ class MixedStream(IterableDataset):
                           state["sources"][i]) for i, source in enumerate(self.mix.sources)]
         draws = state["draws"]
         while True:
-            images, words, events = [], [], Counter()
+            images, words, latents, events = [], [], [], Counter()
             while len(images) < self.local_batch:
                 u = sample_seed(self.seed, draws, 3 + slot) / 2.0 ** 63  # streams 3+: the readers' draws
                 chosen = min(int(np.searchsorted(self.weights, u, side="right")), len(readers) - 1)
                 _, payload, word = next(readers[chosen])
                 decoded = decode_image(payload, self.min_side)
+                if self.use_latents and decoded.pixels is not None and payload.latent is None:
+                    decoded = Decoded(None, "skipped_no_latent")
                 if decoded.event:
                     events[decoded.event] += 1
                 if decoded.pixels is not None:
-                    generator = torch.Generator().manual_seed(sample_seed(self.seed, draws, 3 + self.slots + slot))
+                    generator = None if self.use_latents else torch.Generator().manual_seed(
+                        sample_seed(self.seed, draws, 3 + self.slots + slot))
                     images.append(square_crop(decoded.pixels, self.image_size, generator))
                     words.append(word)
+                    if self.use_latents:
+                        latents.append(payload.latent.float())
                 draws += 1
             state = {"draws": draws, "sources": [dict(r.position) for r in readers]}
-            yield Batch(torch.stack(images), torch.zeros(0, dtype=torch.long), words, events, worker, state)
+            yield Batch(torch.stack(images), torch.zeros(0, dtype=torch.long), words, events, worker, state,
+                        torch.stack(latents) if latents else None)
 
 
 class StreamLoader:
@@ -222,4 +233,10 @@ def training_data(mix: Mix, image_size: int, training, rank: int, world: int, st
     stream = MixedStream(mix, image_size, training.seed, training.batch_size // world, rank, world,
                          training.num_workers, training.shuffle_buffer, training.min_image_side, keys, start_step,
                          resume[rank] if resume is not None else None)
+    cached = [f"{s.name} ({s.cache_size} px)" for s in mix.sources if getattr(s, "cache_size", None)]
+    if stream.use_latents:
+        logger.info("latent cache: used (%s)", ", ".join(cached))
+    elif cached:
+        logger.warning("latent cache of %s not used: every source needs one at the models' %d px",
+                       ", ".join(cached), image_size)
     return StreamLoader(stream, training.num_workers, training.batch_size, training.steps), images, words
