@@ -120,6 +120,7 @@ def prepare(images: Path, boxes: Path, out: Path, class_names: Path | None, marg
     make = functools.partial(crop_sample, images=images, names=names, margin=margin, min_size=min_size)
     counts = write_shards(out, jobs, make, workers, "crops")
     logger.info("%s: %d shards; %s", out, len(jobs), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    logger.info("train on them with --data \"%s/{00000..%05d}.tar\"", out, len(jobs) - 1)
     return dict(counts)
 
 

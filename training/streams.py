@@ -67,6 +67,7 @@ class Reader:
         self._units: tuple[int, list[int]] | None = None
         self._samples: list[Raw] = []
         self._after: tuple[int, int, int] | None = None  # (epoch, unit, offset) where the next block starts
+        self._open: tuple[tuple[int, int, int], Iterator[Raw]] | None = None  # a unit left mid-way, and where
 
     def units(self, epoch: int) -> list[int]:
         if self._units is None or self._units[0] != epoch:
@@ -81,7 +82,12 @@ class Reader:
             units = self.units(epoch)
             while len(samples) < self.block and unit < len(units):
                 taken = 0
-                for raw in islice(self.source.read(units[unit]), offset, None):
+                if self._open is not None and self._open[0] == (epoch, unit, offset):
+                    reading = self._open[1]  # the shard the last block stopped in: no re-reading of its start
+                else:
+                    reading = islice(self.source.read(units[unit]), offset, None)
+                self._open = None
+                for raw in reading:
                     taken += 1
                     if raw[0] not in self.excluded:
                         samples.append(raw)
@@ -89,6 +95,7 @@ class Reader:
                         break
                 if len(samples) == self.block:
                     offset += taken
+                    self._open = (epoch, unit, offset), reading
                 else:
                     unit, offset = unit + 1, 0
             if samples:
