@@ -17,7 +17,7 @@ COMFYUI_RELEASES ?= $(COMFYUI_PATH):$(COMFYUI_OLDER)
 COMFYUI_HOME ?= .comfyui
 PORT ?= 8188
 
-.PHONY: setup browser test demo benchmark benchmark-comfyui comfyui
+.PHONY: setup browser test demo benchmark benchmark-comfyui benchmark-pretrain comfyui
 
 setup: $(VENV)/.installed $(COMFYUI_PATH)/main.py
 
@@ -68,6 +68,9 @@ benchmark: $(VENV)/.installed
 
 benchmark-comfyui: setup
 	$(PY) -m benchmarks.comfyui $(BENCHMARK_ARGS)
+
+benchmark-pretrain: $(VENV)/.installed
+	$(PY) -m benchmarks.pretrain $(BENCHMARK_ARGS)
 
 # Serve the ComfyUI editor with this node pack on 127.0.0.1:$(PORT); models go in $(COMFYUI_HOME)/models/.
 comfyui: setup

@@ -3,6 +3,9 @@ reference computation, and the input errors raised before any model is loaded.""
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from training import evaluate
 from training.concepts import read_prompts, write_tiny_concepts
 from training.metrics import METRIC_FILES, TINY, MetricModels, _square, mean_pairwise_cosine
 from training.report import METRICS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +68,30 @@ def test_rerun_skips_done_units_and_the_same_seeds_give_the_same_numbers(tiny_ru
         evaluate.main(["--preset", "tiny", "--output", str(output), "--seed", "1"])
     for variant, s in again["variants"].items():
         assert {m: s[m] for m in METRICS} == {m: summary["variants"][variant][m] for m in METRICS}
+
+
+def test_two_processes_share_the_concepts_and_give_the_numbers_of_one(tiny_run, tmp_path):
+    """accelerate launch --cpu --num_processes 2 (the concepts split between the processes) completes every
+    unit, and each unit's scores equal the 1-process run's (same seeds; float sums may run in another order
+    on another thread count, hence 1e-4)."""
+    from training.comfyui import free_port
+
+    output, variants = tmp_path / "two", ["full", "encoder_only"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(free_port()), "-m", "training.evaluate", "--preset", "tiny", "--output", str(output),
+              "--variants", *variants]
+    result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((output / "metrics.json").read_text())
+    assert list(two["variants"]) == variants
+    for concept in ("cat", "cup"):
+        for variant in variants:
+            mine, reference = two["concepts"][concept][variant], tiny_run[1]["concepts"][concept][variant]
+            assert mine["token"] == reference["token"]
+            for got, expected in zip(mine["prompts"], reference["prompts"], strict=True):
+                for metric in METRICS:
+                    assert got[metric] == pytest.approx(expected[metric], abs=1e-4), (concept, variant, metric)
 
 
 @pytest.fixture(scope="module")
