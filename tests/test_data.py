@@ -9,6 +9,7 @@ came from after any crop and resize."""
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -221,19 +222,22 @@ def test_openimages_crops_the_largest_box_with_its_class(tmp_path):
     assert prepare(*args)["kept_shards"] == 2  # resumable: complete shards are kept
 
 
-def test_a_pretraining_run_on_mixed_shards_and_bad_images_goes_on_and_checkpoints_its_position(shards, tmp_path):
-    """python -m training.pretrain --data SHARDS@0.5 --data BAD@0.5 (tiny, 2 steps, 2 workers): it ends, logs
-    the bad images per kind, and the checkpoint holds each worker's read position."""
+def test_a_pretraining_run_on_mixed_shards_and_bad_images_goes_on_and_resumes_exactly(shards, tmp_path):
+    """python -m training.pretrain --data SHARDS@0.5 --data BAD@0.5 (tiny, 4 steps, 2 workers): it ends, logs
+    the bad images per kind, and its checkpoints hold each worker's read position; resumed from step 2
+    (the step-4 checkpoint deleted), it ends with the straight run's encoder weights, exactly."""
+    from safetensors.torch import load_file
+
     _bad_images(tmp_path / "bad")
     Image.new("RGB", (200, 200), colour(1)).save(tmp_path / "bad" / "fine.png")
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "training.pretrain", "--preset", "tiny", "--output-dir", str(out),
-         "--data", f"{shards}/{{00000..00007}}.tar@0.5", "--data", f"{tmp_path / 'bad'}@0.5",
-         "--set", "training.steps=2", "--set", "training.validation_every=1000", "--set", "training.sample_images=0",
-         "--set", "training.log_every=1", "--set", "training.num_workers=2", "--set", "training.min_image_side=8",
-         "--set", "training.heldout_images=2", "--set", "training.shuffle_buffer=8", "--set", "training.checkpoint_every=2"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "training.pretrain", "--preset", "tiny", "--output-dir", str(out),
+               "--data", f"{shards}/{{00000..00007}}.tar@0.5", "--data", f"{tmp_path / 'bad'}@0.5",
+               "--set", "training.steps=4", "--set", "training.validation_every=1000", "--set", "training.sample_images=0",
+               "--set", "training.log_every=1", "--set", "training.num_workers=2", "--set", "training.min_image_side=8",
+               "--set", "training.heldout_images=2", "--set", "training.shuffle_buffer=8",
+               "--set", "training.checkpoint_every=2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data: skipped" in result.stderr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -245,6 +249,12 @@ def test_a_pretraining_run_on_mixed_shards_and_bad_images_goes_on_and_checkpoint
     state = torch.load(out / "checkpoints" / "step-0000002" / "custom_checkpoint_1.pkl", weights_only=True)
     assert state["step"] == 2 and len(state["data"]) == 1 and len(state["data"][0]) == 2
     assert all(worker["draws"] >= 2 for worker in state["data"][0])
+    straight = load_file(str(out / "checkpoints" / "step-0000004" / "encoder.safetensors"))
+    shutil.rmtree(out / "checkpoints" / "step-0000004")
+    result = subprocess.run([*command, "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = load_file(str(out / "checkpoints" / "step-0000004" / "encoder.safetensors"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_latent_cache_holds_the_latents_of_the_crops_training_reads(tmp_path, tiny_models):
