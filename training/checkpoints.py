@@ -34,16 +34,18 @@ EXPORTED = "datencoder.safetensors"
 
 class TrainState:
     """The run's position, saved with every checkpoint (``accelerator.register_for_checkpointing``): the
-    step, from which the data position follows (``training.data``)."""
+    step, from which the folder path's data position follows (``training.data``), and the streaming
+    path's read positions, one list of worker positions per process (``training.streams``)."""
 
     def __init__(self):
         self.step = 0
+        self.data: list | None = None
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict:
+        return {"step": self.step, "data": self.data}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.data = int(state["step"]), state.get("data")
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:

@@ -1,30 +1,40 @@
 """Pretraining data: image sources behind one small interface, and an exact, resumable, sharded order.
 
-A source is anything with ``__len__`` and ``load(index) -> (image, class word or "")``, the image an
-(H, W, C) float array in [0, 1]: an image folder, the photos scikit-image ships (the tiny preset), or
-several of them concatenated. Streaming formats (WebDataset shards, OpenImages crops) plug in here.
+A source is a list of ``len(source)`` units, and ``read(unit)`` yields a unit's samples as (key, file
+bytes or uint8 array, class word or caption or ""): an image folder or ImageNet's class folders (a unit
+is one image), the photos scikit-image ships (the tiny preset), several of those concatenated, or
+WebDataset shards (a unit is a shard: ``training.shards``). Images are decoded by
+``training.decode``: bad ones are converted or skipped and counted, never fatal.
+
+``--data SPEC[@WEIGHT]`` (repeatable) opens a source per SPEC: a folder, ``skimage``, or shards
+(``DIR/{00000..00099}.tar``). Folders alone, without weights, take the exact path below; shards or
+weights take the streaming path (``training.streams``), which mixes the sources by weight.
 
 The order is a function of (seed, global position) only: epoch e = position // N reads the training
 images in a permutation seeded by (seed, e), and the crop and flip of each sample are seeded by
 (seed, position). Process r of W at step s reads positions s*G + r*G/W ... s*G + (r+1)*G/W - 1 (G is the
 global batch). So the position is the step count, resume reads exactly the samples the stopped run
 would have read next, and 1 process with batch G sees the same samples, augmented the same, as W
-processes with G/W each.
+processes with G/W each. A bad image at a position is replaced by the next image of the epoch's
+permutation that decodes (that image is then seen twice in the epoch), so the order stays exact.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from datencoder_core.errors import DATEncoderError
 from datencoder_core.images import to_rgb
+from training.decode import Decoded, decode_image
+from training.shards import ShardSource, is_shard_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # scikit-image's colour photos and the grey ones that look like objects or scenes; all ship in the wheel.
@@ -33,21 +43,29 @@ SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field
 MIN_CROP = 0.7  # random square crops of 70-100% of the short side
 
 
+Raw = tuple[str, "bytes | np.ndarray", str]  # (key, file bytes or uint8 pixels, class word or "")
+
+
 class ImageSource(Protocol):
     name: str
+    indexable: bool  # one sample per unit: the exact folder path can read it
 
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """The number of units."""
 
-    def load(self, index: int) -> tuple[np.ndarray, str]:
-        """Image ``index`` as (H, W, C) float32 in [0, 1], C in 1, 3, 4; and its class word, or ""."""
+    def read(self, unit: int) -> Iterator[Raw]:
+        """Unit ``unit``'s samples, in order."""
 
 
 class ImageFolder:
     """Every image under ``root``, in sorted path order. An image inside a sub-folder takes the first
-    folder's name as its class word (ImageNet's class folders); one directly in ``root`` has none."""
+    folder's name as its class word (ImageNet's class folders: the synset id, or its name where
+    ``class_names`` maps it); one directly in ``root`` has none."""
 
-    def __init__(self, root: Path):
-        self.name, self.root = str(root), root
+    indexable = True
+
+    def __init__(self, root: Path, class_names: dict[str, str] | None = None):
+        self.name, self.root, self.class_names = str(root), root, class_names or {}
         if not root.is_dir():
             raise DATEncoderError(f"--data {root}: no such folder; expected a folder (any tree) of images "
                                   f"({', '.join(IMAGE_SUFFIXES)})")
@@ -59,52 +77,114 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> tuple[np.ndarray, str]:
-        path = self.paths[index]
+    def read(self, unit: int) -> Iterator[Raw]:
+        path = self.paths[unit]
+        relative = path.relative_to(self.root)
+        word = relative.parts[0] if len(relative.parts) > 1 else ""
         try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError) as error:
-            raise DATEncoderError(f"{path}: not a readable image ({error})") from None
-        relative = path.relative_to(self.root).parts
-        return pixels, relative[0] if len(relative) > 1 else ""
+            payload = path.read_bytes()
+        except OSError:
+            payload = b""  # unreadable file: skipped as not an image
+        yield relative.as_posix(), payload, self.class_names.get(word, word)
 
 
 class SkimagePhotos:
     """The photos scikit-image ships (offline): the tiny preset's data set. Class word: the photo's name."""
 
-    name = "skimage"
+    name, indexable = "skimage", True
 
     def __len__(self) -> int:
         return len(SKIMAGE_PHOTOS)
 
-    def load(self, index: int) -> tuple[np.ndarray, str]:
+    def read(self, unit: int) -> Iterator[Raw]:
         from skimage import data
 
-        pixels = getattr(data, SKIMAGE_PHOTOS[index])()
-        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-        return pixels.astype(np.float32) / 255.0, SKIMAGE_PHOTOS[index]
+        yield SKIMAGE_PHOTOS[unit], getattr(data, SKIMAGE_PHOTOS[unit])(), SKIMAGE_PHOTOS[unit]
 
 
 class ConcatSource:
     def __init__(self, sources: Sequence[ImageSource]):
         self.sources = list(sources)
         self.name = " + ".join(s.name for s in self.sources)
+        self.indexable = all(s.indexable for s in self.sources)
         self._starts = np.cumsum([0, *map(len, self.sources)])
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def load(self, index: int) -> tuple[np.ndarray, str]:
-        which = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self.sources[which].load(index - int(self._starts[which]))
+    def read(self, unit: int) -> Iterator[Raw]:
+        which = int(np.searchsorted(self._starts, unit, side="right")) - 1
+        return self.sources[which].read(unit - int(self._starts[which]))
 
 
-def open_sources(names: Sequence[str]) -> ImageSource:
-    """``--data`` values: image folders, or "skimage" for the built-in photos. Checked before training."""
-    if not names:
-        raise DATEncoderError("no --data given: pass an image folder (--data DIR, repeatable)")
-    return ConcatSource([SkimagePhotos() if name == "skimage" else ImageFolder(Path(name)) for name in names])
+def load(source: ImageSource, index: int, min_side: int) -> tuple[Decoded, str]:
+    """Image ``index`` of an indexable source, decoded (``Decoded.pixels`` None: skipped), and its word."""
+    _, payload, word = next(iter(source.read(index)))
+    return decode_image(payload, min_side), word
+
+
+@dataclass(frozen=True)
+class Mix:
+    """The ``--data`` sources and their weights; ``streaming``: shards or weights were given."""
+
+    sources: list[ImageSource]
+    weights: list[float]
+    streaming: bool
+
+    @property
+    def name(self) -> str:
+        return " + ".join(f"{s.name}@{w:g}" if self.streaming else s.name for s, w in zip(self.sources, self.weights))
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """'shards/{0..9}.tar@0.7' -> ('shards/{0..9}.tar', 0.7); no '@': weight 1."""
+    path, at, weight = spec.rpartition("@")
+    if not at:
+        return spec, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise DATEncoderError(f"--data {spec}: the weight after '@' must be a number > 0, e.g. {path}@0.7")
+    return path, value
+
+
+def open_source(path: str) -> ImageSource:
+    if path == "skimage":
+        return SkimagePhotos()
+    return ShardSource(path) if is_shard_spec(path) else ImageFolder(Path(path))
+
+
+def open_sources(specs: Sequence[str]) -> Mix:
+    """``--data`` values (``SPEC[@WEIGHT]``): folders, "skimage" for the built-in photos, or shards.
+    Missing folders or shards and empty folders are refused here, before training."""
+    if not specs:
+        raise DATEncoderError("no --data given: pass an image folder or shards (--data DIR, repeatable)")
+    parsed = [parse_spec(spec) for spec in specs]
+    sources = [open_source(path) for path, _ in parsed]
+    streaming = any("@" in spec for spec in specs) or not all(s.indexable for s in sources)
+    return Mix(sources, [w for _, w in parsed], streaming)
+
+
+def check_sources(mix: Mix, min_side: int) -> None:
+    """Refuse, before training, a source none of whose files decodes to a usable image (read in order up
+    to the first that does: one file for a healthy source)."""
+    for source in mix.sources:
+        events = Counter()
+        for unit in range(len(source)):
+            for _, payload, _ in source.read(unit):
+                decoded = decode_image(payload, min_side)
+                if decoded.pixels is not None:
+                    break
+                events[decoded.event] += 1
+            else:
+                continue
+            break
+        else:
+            found = ", ".join(f"{k}: {v}" for k, v in sorted(events.items())) or "no samples"
+            raise DATEncoderError(f"--data {source.name}: no usable image in it ({found}; training.min_image_side = "
+                                  f"{min_side})")
 
 
 def split_heldout(source: ImageSource, heldout: int, seed: int) -> tuple[list[int], list[int]]:
@@ -139,17 +219,30 @@ def square_crop(pixels: np.ndarray, size: int, generator: torch.Generator | None
     return crop.clamp(0, 1).movedim(0, -1)
 
 
+class Batch(NamedTuple):
+    """What the loaders yield: one process's rows of one step."""
+
+    images: torch.Tensor  # (b, S, S, 3) in [0, 1]
+    positions: torch.Tensor  # (b,) global positions: the seeds of each row's noise and timestep
+    words: list[str]
+    events: Counter  # this batch's decode events ("converted_cmyk": 1, "skipped_corrupt": 2, ...)
+    worker: int = 0
+    state: dict | None = None  # streaming: the worker's read position after this batch
+    latents: torch.Tensor | None = None  # (b, 4, h, w) from the latent cache (training.cache_latents), or None
+
+
 class ProcessShard(Dataset):
     """This process's samples from ``start_step`` to ``steps``: item k is (image (S, S, 3), position, class word)."""
 
     def __init__(self, source: ImageSource, indices: list[int], image_size: int, seed: int, global_batch: int,
-                 rank: int, world: int, start_step: int, steps: int):
+                 rank: int, world: int, start_step: int, steps: int, min_side: int = 1):
         if global_batch % world:
             raise DATEncoderError(f"training.batch_size {global_batch} is not divisible by the {world} processes")
         self.source, self.indices, self.image_size, self.seed = source, indices, image_size, seed
         self.global_batch, self.local_batch, self.rank = global_batch, global_batch // world, rank
-        self.start_step, self.steps = start_step, steps
+        self.start_step, self.steps, self.min_side = start_step, steps, min_side
         self._permutations: dict[int, list[int]] = {}
+        self.events: Counter = Counter()
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.local_batch
@@ -164,24 +257,42 @@ class ProcessShard(Dataset):
         if epoch not in self._permutations:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 2))
             self._permutations = {epoch: torch.randperm(len(self.indices), generator=generator).tolist()}
-        pixels, word = self.source.load(self.indices[self._permutations[epoch][offset]])
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, position, 0))
-        return square_crop(pixels, self.image_size, generator), position, word
+        permutation = self._permutations[epoch]
+        for tried in range(len(permutation)):  # a bad image: the next one of the permutation that decodes
+            decoded, word = load(self.source, self.indices[permutation[(offset + tried) % len(permutation)]],
+                                 self.min_side)
+            if decoded.event:
+                self.events[decoded.event] += 1
+            if decoded.pixels is not None:
+                generator = torch.Generator().manual_seed(sample_seed(self.seed, position, 0))
+                return square_crop(decoded.pixels, self.image_size, generator), position, word
+        raise DATEncoderError(f"--data {self.source.name}: none of the {len(permutation)} training images decodes "
+                              f"({', '.join(sorted(self.events))})")
+
+    def __getitems__(self, ks: list[int]) -> Batch:
+        """One batch (the DataLoader's batched fetch), with the decode events met while reading it."""
+        self.events = Counter()
+        images, positions, words = zip(*(self[k] for k in ks))
+        return Batch(torch.stack(images), torch.tensor(positions), list(words), self.events)
 
 
-def _collate(samples):
-    images, positions, words = zip(*samples)
-    return torch.stack(images), torch.tensor(positions), list(words)
+def _as_is(batch: Batch) -> Batch:
+    return batch
 
 
 def shard_loader(shard: ProcessShard, num_workers: int) -> DataLoader:
-    """Batches of this process's shard in order (images (b, S, S, 3), positions (b,), words)."""
+    """Batches (``Batch``) of this process's shard in order."""
     return DataLoader(shard, batch_size=shard.local_batch, shuffle=False, num_workers=num_workers,
-                      collate_fn=_collate, persistent_workers=num_workers > 0, drop_last=False)
+                      collate_fn=_as_is, persistent_workers=num_workers > 0, drop_last=False,
+                      pin_memory=torch.cuda.is_available())
 
 
-def heldout_images(source: ImageSource, indices: list[int], image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """The held-out images, centre-cropped: (n, S, S, 3), and their class words."""
-    loaded = [source.load(i) for i in indices]
-    return torch.stack([square_crop(p, image_size, None) for p, _ in loaded]), [w for _, w in loaded]
+def heldout_images(source: ImageSource, indices: list[int], image_size: int,
+                   min_side: int = 1) -> tuple[torch.Tensor, list[str]]:
+    """The held-out images that decode, centre-cropped: (n, S, S, 3), and their class words."""
+    loaded = [load(source, i, min_side) for i in indices]
+    kept = [(d.pixels, w) for d, w in loaded if d.pixels is not None]
+    if not kept:
+        raise DATEncoderError(f"--data {source.name}: none of the held-out images decodes")
+    return torch.stack([square_crop(p, image_size, None) for p, _ in kept]), [w for _, w in kept]
 

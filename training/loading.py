@@ -213,3 +213,13 @@ def open_clip_state_from_transformers(state: dict[str, torch.Tensor]) -> dict[st
         if all(name in out for name in names):
             out[f"{stem}.attn.in_proj_{kind}"] = torch.cat([out.pop(name) for name in names])
     return out
+
+
+def load_vae(base: Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             config: Path = SD15_CONFIG):
+    """The VAE of an SD1.x checkpoint or diffusers folder (``training.cache_latents``)."""
+    base = Path(base)
+    if not base.exists():
+        raise DATEncoderError(f"{base} does not exist: expected the SD1.x checkpoint (.safetensors) or diffusers folder")
+    _check_sd1(base, config)
+    return _load_sd1(base, dtype, config).vae.eval().to(device)

@@ -76,10 +76,12 @@ class PretrainingObjective:
         self.alpha = self.training.alpha_blend if self.training.dual_path else 1.0
 
     @torch.no_grad()
-    def encoder_inputs(self, images: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Draws]:
-        """The frozen half: noisy latents (b, 4, h, w), CLIP tokens and UNet mid features at them, draws."""
+    def encoder_inputs(self, images: Tensor, positions: Tensor,
+                       latents: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Draws]:
+        """The frozen half: noisy latents (b, 4, h, w), CLIP tokens and UNet mid features at them, draws.
+        ``latents``: the images' latents from the latent cache (``training.cache_latents``); None: encoded here."""
         backend = self.backend
-        latents = backend.encode_latents(images)
+        latents = backend.encode_latents(images) if latents is None else latents.to(backend.device, backend.vae.dtype)
         draws = draw(positions, tuple(latents.shape[1:]), self.training.seed, len(self.prompts),
                      len(backend.alphas_cumprod))
         timesteps, noise = draws.timesteps.to(latents.device), draws.noise.to(latents)
@@ -88,9 +90,9 @@ class PretrainingObjective:
         return noisy, clip_tokens.float(), unet_features.float(), draws
 
     def __call__(self, encoder: DATEncoder, images: Tensor, positions: Tensor, gather: Gather, rank: int,
-                 world: int) -> LossOutput:
+                 world: int, latents: Tensor | None = None) -> LossOutput:
         backend, loss_config, training = self.backend, self.config.loss, self.training
-        noisy, clip_tokens, unet_features, draws = self.encoder_inputs(images, positions)
+        noisy, clip_tokens, unet_features, draws = self.encoder_inputs(images, positions, latents)
         out = encoder(clip_tokens, unet_features)
         v_star = out.v_star.float()  # (b, D)
         nearest_ids = nearest_tokens(v_star, self.vocab, 1, backend.special_token_ids)[:, 0]  # (b,)

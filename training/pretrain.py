@@ -18,11 +18,12 @@ import argparse
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils import check_min_version
 from tqdm.auto import tqdm
@@ -30,7 +31,8 @@ from tqdm.auto import tqdm
 from datencoder_core.checkpoint import load_encoder
 from datencoder_core.encoder import DATEncoder
 from datencoder_core.errors import DATEncoderError
-from training import checkpoints, data, validation
+from training import checkpoints, data, streams, validation
+from training.decode import EVENTS, describe
 from training.objective import PretrainingObjective
 from training.pretrain_config import PRESETS, PretrainConfig, resolve_config
 
@@ -42,8 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, help="SD1.5 single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
     parser.add_argument("--clip-vision", type=Path, help="CLIP ViT-H-14 vision file (ComfyUI's clip_vision)")
-    parser.add_argument("--data", action="append", default=[], help="image folder (repeatable); 'skimage': the "
-                                                                   "photos scikit-image ships")
+    parser.add_argument("--data", action="append", default=[], metavar="SPEC[@WEIGHT]",
+                        help="image folder, WebDataset shards ('DIR/{00000..00099}.tar') or 'skimage' (the photos "
+                             "scikit-image ships); repeatable, @WEIGHT mixes the sources by weight")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--config", type=Path, help="TOML or YAML file with [training], [loss], [encoder], [lora]")
@@ -52,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def describe_run(args: argparse.Namespace, config: PretrainConfig) -> tuple[dict, data.ImageSource]:
+def describe_run(args: argparse.Namespace, config: PretrainConfig) -> tuple[dict, data.Mix]:
     """The resolved config and the run's inputs, as written to DIR/config.json, and the opened data
     source: missing files and empty or too small data sources are refused here, before any work."""
     training = config.training
@@ -67,11 +70,13 @@ def describe_run(args: argparse.Namespace, config: PretrainConfig) -> tuple[dict
                 raise DATEncoderError(f"{flag} {path or '(missing)'}: no such file; pass the SD1.5 checkpoint "
                                       f"(--base) and the CLIP ViT-H-14 vision file (--clip-vision)")
         sources = args.data
-    source = data.open_sources(sources)  # raises on a missing or empty folder
-    data.split_heldout(source, training.heldout_images, training.seed)
+    mix = data.open_sources(sources)  # raises on a missing or empty folder, a missing shard
+    data.check_sources(mix, training.min_image_side)  # raises on a source without one usable image
+    if not mix.streaming:
+        data.split_heldout(data.ConcatSource(mix.sources), training.heldout_images, training.seed)
     run = {"config": config.to_dict(), "base": str(args.base) if args.base else None,
            "clip_vision": str(args.clip_vision) if args.clip_vision else None, "data": list(sources)}
-    return run, source
+    return run, mix
 
 
 def load_models(config: PretrainConfig, args: argparse.Namespace, device, dtype):
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     config = resolve_config(args.preset, args.config, tuple(args.set))
     training, output_dir = config.training, args.output_dir
-    run, source = describe_run(args, config)
+    run, mix = describe_run(args, config)
     resume_from = checkpoints.check_output_dir(output_dir, run, args.resume)  # all refusals before any work
 
     accelerator = Accelerator(mixed_precision=training.mixed_precision, log_with="tensorboard",
@@ -122,25 +127,24 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.load_state(str(resume_from))
         logger.info("resumed from %s (step %d)", resume_from, state.step)
 
-    train_indices, heldout_indices = data.split_heldout(source, training.heldout_images, training.seed)
-    shard = data.ProcessShard(source, train_indices, models.image_size, training.seed, training.batch_size,
-                              accelerator.process_index, accelerator.num_processes, state.step, training.steps)
+    loader, held_images, held_words = streams.training_data(mix, models.image_size, training, accelerator.process_index,
+                                                           accelerator.num_processes, state.step, state.data)
     objective = PretrainingObjective(backend, config)
-    held_images, held_words = data.heldout_images(source, heldout_indices, models.image_size)
     held_out = validation.held_out_draws(backend, held_images, held_words, training.heldout_timesteps, training.seed)
     accelerator.init_trackers("pretrain", config=_scalars(config))
-    logger.info("%d training images (%s), %d held out; global batch %d on %d processes; steps %d to %d",
-                len(train_indices), source.name, len(heldout_indices), training.batch_size,
+    logger.info("data %s (%s), %d images held out; global batch %d on %d processes; steps %d to %d", mix.name,
+                "streaming" if mix.streaming else "exact order", len(held_words), training.batch_size,
                 accelerator.num_processes, state.step, training.steps)
 
     progress = tqdm(initial=state.step, total=training.steps, disable=not accelerator.is_main_process, unit="step")
-    timer = _StepTimer()
+    timer, events = _StepTimer(), _DataEvents(accelerator)
     if state.step == 0:
         _watch(accelerator, backend, encoder, held_out, held_images, config, output_dir, step=0)
-    for images, positions, _words in timer.wrap(data.shard_loader(shard, training.num_workers)):
+    for batch in timer.wrap(loader):
+        events.counts.update(batch.events)
         with accelerator.accumulate(encoder), accelerator.autocast():
-            out = objective(encoder, images.to(accelerator.device), positions, accelerator.gather,
-                            accelerator.process_index, accelerator.num_processes)
+            out = objective(encoder, batch.images.to(accelerator.device), batch.positions, accelerator.gather,
+                            accelerator.process_index, accelerator.num_processes, batch.latents)
             accelerator.backward(out.objective)
             grad_norm = accelerator.clip_grad_norm_(trainable, training.max_grad_norm)
             optimizer.step()
@@ -152,10 +156,11 @@ def main(argv: list[str] | None = None) -> Path:
             logs = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in out.terms.items()}
             logs |= {k: v.item() for k, v in out.metrics.items()}
             logs |= {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)} | timer.read(training.batch_size)
-            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
+            accelerator.log({f"train/{k}": v for k, v in logs.items()} | events.read(), step=state.step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_second']:.1f}")
         _watch(accelerator, backend, encoder, held_out, held_images, config, output_dir, state.step)
         if state.step % training.checkpoint_every == 0 or state.step == training.steps:
+            state.data = gather_object([loader.state_dict()]) if mix.streaming else None
             checkpoints.save_checkpoint(accelerator, output_dir, state.step, training.checkpoints_total_limit)
     progress.close()
 
@@ -210,6 +215,22 @@ def _scalars(config: PretrainConfig) -> dict:
     """The config as TensorBoard hparams (scalars and strings only)."""
     return {f"{section}.{k}": v for section, values in config.to_dict().items() for k, v in values.items()
             if isinstance(v, (int, float, str, bool))}
+
+
+class _DataEvents:
+    """Bad images met by every process since the run (re)started, per kind (``training.decode``): logged
+    as ``data/<kind>`` and, when they change, to the console."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.counts, self.logged = accelerator, Counter(), None
+
+    def read(self) -> dict[str, int]:
+        local = torch.tensor([self.counts[k] for k in EVENTS], dtype=torch.long, device=self.accelerator.device)
+        total = dict(zip(EVENTS, self.accelerator.reduce(local, "sum").tolist()))
+        if total != self.logged and any(total.values()):
+            logger.info("data: %s", describe(Counter(total)))
+        self.logged = total
+        return {f"data/{k}": v for k, v in total.items()}
 
 
 class _StepTimer:

@@ -61,15 +61,18 @@ class TrainingConfig(_Serializable):
     sample_images: int = 2  # held-out concept photos per grid
     sample_steps: int = 25  # DDIM steps per generated image
     num_workers: int = 4  # data-loading workers per process
+    min_image_side: int = 128  # smaller images are skipped (upscaled 4x to 512 px they are mostly blur)
+    shuffle_buffer: int = 1_000  # shards and mixes: samples per shuffled block of each reader (training.streams)
     seed: int = 0
 
     def __post_init__(self):
         _require(self.models in ("files", "tiny"), f"training.models must be 'files' or 'tiny', got {self.models!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "checkpoints_total_limit", "log_every",
-                     "validation_every", "sample_every", "heldout_images", "heldout_timesteps", "sample_steps"):
+                     "validation_every", "sample_every", "heldout_images", "heldout_timesteps", "sample_steps", "shuffle_buffer"):
             _require(getattr(self, name) >= 1, f"training.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "num_workers", "sample_images"):
             _require(getattr(self, name) >= 0, f"training.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.min_image_side >= 8, f"training.min_image_side must be >= 8, got {self.min_image_side}")
         _require(self.lr > 0, f"training.lr must be > 0, got {self.lr}")
         _require(self.max_grad_norm > 0, f"training.max_grad_norm must be > 0, got {self.max_grad_norm}")
         _require(0.0 <= self.alpha_blend <= 1.0, f"training.alpha_blend must be in [0, 1], got {self.alpha_blend}")
