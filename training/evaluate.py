@@ -13,6 +13,9 @@ seed ``seed + 1000 p + i`` in every variant), score against all the concept's ph
 skips the units on disk. The main process then writes ``metrics.json``, ``metrics.csv`` and
 ``tradeoff.png`` from every unit (training/report.py).
 
+On a toy world (``training/toyworld``), ``--truth FILE`` adds its ground-truth metrics (``truth_identity``,
+``truth_editability``, ``truth_shape``) beside CLIP and DINO, and ``--tiny-metrics`` reads tiny metric models.
+
 Variants (``VARIANTS``; ``scratch:N`` is ``scratch`` with N steps):
 * full: encoder + 12 tuning steps, dual path (alpha 0.25) in tuning and sampling: the method.
 * encoder_only: the encoder's prediction, no tuning (0 steps), dual path.

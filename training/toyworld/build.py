@@ -39,7 +39,7 @@ class WorldPlan:
     """What one world is: model budget, classifier steps, how many pretraining images and concepts."""
 
     budget: WorldBudget = WorldBudget()
-    truth_steps: int = 600
+    truth_steps: int = 1500
     pretraining_images: int = 3000
     concepts: int = 6
     photos_per_concept: int = 3
@@ -52,7 +52,7 @@ class WorldPlan:
 
 
 FULL = WorldPlan()
-REDUCED = WorldPlan(WorldBudget(images=3000, vae_steps=300, unet_steps=800), truth_steps=300, pretraining_images=800,
+REDUCED = WorldPlan(WorldBudget(images=3000, vae_steps=300, unet_steps=800), truth_steps=800, pretraining_images=800,
                     concepts=4)
 
 

@@ -72,10 +72,10 @@ class WorldShapes:
 class WorldBudget:
     """How long the world's models train (``full``: the report's world; ``reduced``: the test's)."""
 
-    images: int = 8000
-    vae_steps: int = 1500
-    unet_steps: int = 3000
-    batch_size: int = 64
+    images: int = 6000
+    vae_steps: int = 600
+    unet_steps: int = 2000
+    batch_size: int = 32
     seed: int = 0
 
 

@@ -80,7 +80,8 @@ def train_truth(path: Path, steps: int, seed: int, batch_size: int = 64) -> dict
     test_images, test_scenes, _ = render_dataset(1000, seed + 8)
     pixels = torch.from_numpy(images)
     labels = {k: torch.tensor([_labels(s)[k] for s in scenes]) for k in HEADS}
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     for _ in (bar := tqdm(range(steps), desc="ground-truth classifier", unit="step")):
         rows = torch.randint(len(pixels), (batch_size,), generator=generator)
@@ -89,6 +90,7 @@ def train_truth(path: Path, steps: int, seed: int, batch_size: int = 64) -> dict
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     net.eval()
     with torch.no_grad():
