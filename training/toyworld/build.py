@@ -47,13 +47,13 @@ class WorldPlan:
     @property
     def name(self) -> str:
         b = self.budget
-        return (f"toyworld-v{VERSION}-i{b.images}-v{b.vae_steps}-u{b.unet_steps}-b{b.batch_size}-s{b.seed}"
+        return (f"toyworld-v{VERSION}-i{b.images}-v{b.vae_steps}-u{b.unet_steps}-b{b.batch_size}-lr{b.unet_lr:g}-s{b.seed}"
                 f"-t{self.truth_steps}-p{self.pretraining_images}-c{self.concepts}x{self.photos_per_concept}")
 
 
 FULL = WorldPlan()
-REDUCED = WorldPlan(WorldBudget(images=3000, vae_steps=300, unet_steps=800), truth_steps=800, pretraining_images=800,
-                    concepts=4)
+REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=200, unet_steps=1000, unet_lr=1e-3), truth_steps=500,
+                    pretraining_images=600, concepts=4)
 
 
 def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:

@@ -27,7 +27,7 @@ REGULARIZATIONS = ("contrastive", "none")  # claim 3: the paper's Eq. 3 against 
 class ExperimentPlan:
     """Pretraining length, the seeds and the evaluation's size."""
 
-    pretrain_steps: int = 400
+    pretrain_steps: int = 600
     pretrain_batch: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds: tuning noise/timesteps and sampling noise
     scratch_steps: tuple[int, ...] = (24, 48, 96)  # claim 4: scratch tuning lengths beside 12 (``scratch``)
@@ -43,7 +43,7 @@ class ExperimentPlan:
 
 
 FULL_EXPERIMENT = ExperimentPlan()
-REDUCED_EXPERIMENT = ExperimentPlan(pretrain_steps=150, seeds=(0, 1), scratch_steps=(48,), sampling_steps=12)
+REDUCED_EXPERIMENT = ExperimentPlan(pretrain_steps=100, seeds=(0, 1), scratch_steps=(48,), sampling_steps=12)
 
 
 def pretrain_config(plan: ExperimentPlan, regularization: str, shapes: WorldShapes) -> dict:

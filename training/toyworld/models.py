@@ -76,6 +76,7 @@ class WorldBudget:
     vae_steps: int = 600
     unet_steps: int = 2000
     batch_size: int = 32
+    unet_lr: float = 5e-4  # peak, after a 5% warm-up, cosine decay
     seed: int = 0
 
 
@@ -141,7 +142,7 @@ def train_text_to_image(models: ReferenceModels, images: np.ndarray, captions: l
     ids = models.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
     alphas = models.alphas_cumprod
     parameters = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(parameters, lr=budget.unet_lr, weight_decay=1e-2)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=budget.unet_steps // 20,
                              num_training_steps=budget.unet_steps)
     generator = torch.Generator().manual_seed(budget.seed + 1)
