@@ -52,7 +52,7 @@ class WorldPlan:
 
 
 FULL = WorldPlan()
-REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=200, unet_steps=1000, unet_lr=1e-3), truth_steps=500,
+REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=300, unet_steps=2000, batch_size=16), truth_steps=500,
                     pretraining_images=600, concepts=4)
 
 
