@@ -52,8 +52,9 @@ class WorldPlan:
 
 
 FULL = WorldPlan()
-REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=300, unet_steps=2000, batch_size=16), truth_steps=500,
-                    pretraining_images=600, concepts=4)
+# The test's world: the pipeline end to end in a few minutes; too short for the UNet to follow prompts.
+REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=200, unet_steps=400, batch_size=16), truth_steps=500,
+                    pretraining_images=600, concepts=3)
 
 
 def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:

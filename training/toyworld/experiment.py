@@ -43,7 +43,8 @@ class ExperimentPlan:
 
 
 FULL_EXPERIMENT = ExperimentPlan()
-REDUCED_EXPERIMENT = ExperimentPlan(pretrain_steps=100, seeds=(0, 1), scratch_steps=(48,), sampling_steps=12)
+REDUCED_EXPERIMENT = ExperimentPlan(pretrain_steps=50, seeds=(0, 1), scratch_steps=(24,), images_per_prompt=1,
+                                    sampling_steps=8)
 
 
 def pretrain_config(plan: ExperimentPlan, regularization: str, shapes: WorldShapes) -> dict:
