@@ -10,6 +10,7 @@ world's concepts, prompts and ``--truth`` classifier. Both are skipped where the
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -80,8 +81,6 @@ def evaluate_encoder(world: Path, encoder: Path, output: Path, plan: ExperimentP
     """``training.evaluate``'s metrics.json content for one encoder and seed (run if missing)."""
     summary = output / "metrics.json"
     if summary.is_file():
-        import json
-
         return json.loads(summary.read_text())
     return evaluate.main([
         "--encoder", str(encoder), "--base", str(world / "sd"), "--clip-vision", str(world / "clip_vision.safetensors"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -133,7 +134,7 @@ Ground-truth classifier accuracy on fresh degraded renders: {json.dumps({k: roun
 
 Seconds: world build {json.dumps({k: round(v) for k, v in build['seconds'].items()})} (when it was built);
 this run {json.dumps({k: round(v) for k, v in seconds.items()})}, on {platform.machine()} with
-{__import__('os').cpu_count()} CPU cores (shared with other work while measured, so slower than idle).
+{os.cpu_count()} CPU cores (shared with other work while measured, so slower than idle).
 """
     atomic_write_text(output / "report.md", text)
     return output / "report.md"
