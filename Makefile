@@ -17,7 +17,7 @@ COMFYUI_RELEASES ?= $(COMFYUI_PATH):$(COMFYUI_OLDER)
 COMFYUI_HOME ?= .comfyui
 PORT ?= 8188
 
-.PHONY: setup browser test demo benchmark benchmark-comfyui benchmark-pretrain comfyui
+.PHONY: setup browser test demo benchmark benchmark-comfyui benchmark-pretrain comfyui toyworld
 
 setup: $(VENV)/.installed $(COMFYUI_PATH)/main.py
 
@@ -62,6 +62,10 @@ test: setup browser $(COMFYUI_OLDER)/main.py
 demo: setup
 	DATENCODER_CACHE="$(CACHE_DIR)" $(PY) -m training.demo $(if $(MODELS),--models "$(MODELS)") \
 		$(if $(IMAGE),--image "$(IMAGE)")
+
+# The toy world (issue 13): build or reuse its models (~/.cache/datencoder), pretrain, evaluate, write report.md.
+toyworld: $(VENV)/.installed
+	$(PY) -m training.toyworld --output output/toyworld --cache "$(CACHE_DIR)" $(TOYWORLD_ARGS)
 
 benchmark: $(VENV)/.installed
 	$(PY) -m benchmarks.personalize $(BENCHMARK_ARGS)

@@ -13,6 +13,9 @@ seed ``seed + 1000 p + i`` in every variant), score against all the concept's ph
 skips the units on disk. The main process then writes ``metrics.json``, ``metrics.csv`` and
 ``tradeoff.png`` from every unit (training/report.py).
 
+On a toy world (``training/toyworld``), ``--truth FILE`` adds its ground-truth metrics (``truth_identity``,
+``truth_editability``, ``truth_shape``) beside CLIP and DINO, and ``--tiny-metrics`` reads tiny metric models.
+
 Variants (``VARIANTS``; ``scratch:N`` is ``scratch`` with N steps):
 * full: encoder + 12 tuning steps, dual path (alpha 0.25) in tuning and sampling: the method.
 * encoder_only: the encoder's prediction, no tuning (0 steps), dual path.
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0, help="tuning seed and first sampling seed")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="of the frozen models")
+    parser.add_argument("--tiny-metrics", action="store_true",
+                        help="the --metrics-models files hold training.metrics.TINY's architectures (a toy world)")
+    parser.add_argument("--truth", type=Path, help="a toy world's ground-truth classifier (training/toyworld/"
+                                                   "truth.py): adds truth_identity/editability/shape")
     return parser
 
 
@@ -154,8 +161,10 @@ def scratch_concept(backend, lora_config: LoRAConfig, class_word: str, image: to
 
 
 def run_unit(backend, encoder, encoder_id: str, metric_models: MetricModels, concept: ConceptSpec,
-             prompts: list[Prompt], variant: Variant, args: argparse.Namespace, tuning: TuningConfig) -> dict:
-    """Personalize, generate and score one concept x variant; returns its record (training/report.py)."""
+             prompts: list[Prompt], variant: Variant, args: argparse.Namespace, tuning: TuningConfig,
+             truth=None) -> dict:
+    """Personalize, generate and score one concept x variant; returns its record (training/report.py).
+    ``truth`` (a toy world's ``WorldTruth``) adds its ground-truth metrics to each prompt's scores."""
     cuda = backend.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(backend.device)
@@ -176,8 +185,10 @@ def run_unit(backend, encoder, encoder_id: str, metric_models: MetricModels, con
         generation_s += time.perf_counter() - start
         images.append(generated)
         text = prompt.with_class(concept.class_word)
-        results.append({"template": prompt.template, "category": prompt.category, "text": text,
-                        **metric_models.score(generated, photos, text)})
+        scores = metric_models.score(generated, photos, text)
+        if truth is not None:
+            scores |= truth.score(generated, concept.photos[0].parent, text)
+        results.append({"template": prompt.template, "category": prompt.category, "text": text, **scores})
     save_grid(torch.cat(images), args.output / "grids" / concept.name / f"{variant.name}.png", args.images_per_prompt)
     return {"concept": concept.name, "kind": concept.kind, "variant": variant.name, "token": learned.token,
             "personalization_s": personalization_s, "generation_s": generation_s,
@@ -245,8 +256,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     backend = models.backend()
     encoder, encoder_id = load_encoder(args.encoder)
     encoder = encoder.to(accelerator.device)
-    metric_architectures = TINY if args.preset == "tiny" else MetricArchitectures()
+    metric_architectures = TINY if args.preset == "tiny" or args.tiny_metrics else MetricArchitectures()
     metric_models = MetricModels(args.metrics_models, metric_architectures, accelerator.device)
+    truth = None
+    if args.truth is not None:
+        from training.toyworld.truth import WorldTruth
+
+        truth = WorldTruth(args.truth)
     with accelerator.split_between_processes(concepts) as mine:
         units = [(c, v) for c in mine for v in variants]
         for concept, variant in tqdm(units, desc="concepts x variants", disable=not accelerator.is_local_main_process):
@@ -254,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             if path.exists():
                 continue
             record = run_unit(backend, encoder, encoder_id, metric_models, concept, prompts[concept.kind], variant,
-                              args, tuning)
+                              args, tuning, truth)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(record, indent=2))
     accelerator.wait_for_everyone()

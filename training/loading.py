@@ -16,6 +16,9 @@ it one to one (q, k, v concatenated into ``in_proj``, the projection transposed)
 below; open_clip has no such converter (its ``convert.py`` covers big_vision and MobileCLIP). The alternative,
 transformers' model, would give the backend a second tower type and open_clip files a reverse map.
 
+A toy world's ``sd/`` folder (``training/toyworld``, marked by its ``world.json``) loads through
+``training.toyworld.models.load_world_models``: SD1.x's structure at the world's own widths.
+
 Every wrong file raises ``DATEncoderError`` naming the file, what was expected and what was found; a
 missing file is reported before anything loads.
 """
@@ -36,6 +39,7 @@ from torch import nn
 
 from datencoder_core import DATEncoderError, EncoderConfig
 from training.models import ReferenceModels
+from training.toyworld.models import is_world, load_world_models
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ def load_reference_models(base: Path, clip_vision: Path, *, dtype: torch.dtype =
     loaded models' widths (CLIP tokens, UNet mid-block, text tokens) and otherwise the defaults.
     """
     base, clip_vision = Path(base), Path(clip_vision)
+    if base.is_dir() and is_world(base):  # the toy world's SD1.x-structured models, at its own shapes
+        return load_world_models(base, clip_vision, dtype=dtype, device=device)
     for path, what in ((base, "SD1.x checkpoint (.safetensors) or diffusers folder"),
                        (clip_vision, "CLIP ViT-H-14 clip_vision file (.safetensors)")):
         if not path.exists():

@@ -44,14 +44,21 @@ def bootstrap_ci(values: list[float], samples: int = BOOTSTRAP_SAMPLES, seed: in
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def metric_names(records: list[dict]) -> tuple[str, ...]:
+    """``METRICS`` plus any extra metric every prompt result has (a toy world's ``truth_*``)."""
+    extra = set.intersection(*(set(p) for r in records for p in r["prompts"])) if records else set()
+    return METRICS + tuple(sorted(k for k in extra if k.startswith("truth_")))
+
+
 def concept_means(record: dict) -> dict[str, float]:
-    return {m: float(np.mean([p[m] for p in record["prompts"]])) for m in METRICS}
+    return {m: float(np.mean([p[m] for p in record["prompts"]])) for m in metric_names([record])}
 
 
 def summarize(records: list[dict], variants: list[str], settings: dict) -> dict:
     """The content of metrics.json: settings, per-variant means with CIs, per-concept results, published points."""
     by_variant: dict[str, dict] = {}
     concepts: dict[str, dict] = {}
+    metrics = metric_names(records)
     for record in records:
         concepts.setdefault(record["concept"], {})[record["variant"]] = {
             **concept_means(record), **{t: record[t] for t in TIMINGS}, "kind": record["kind"],
@@ -59,7 +66,7 @@ def summarize(records: list[dict], variants: list[str], settings: dict) -> dict:
     for variant in variants:
         rows = [c[variant] for c in concepts.values() if variant in c]
         summary = {"concepts": len(rows)}
-        for metric in METRICS:
+        for metric in metrics:
             values = [row[metric] for row in rows]
             summary[metric] = {"mean": float(np.mean(values)), "ci95": bootstrap_ci(values)}
         for timing in ("personalization_s", "generation_s"):
@@ -74,17 +81,18 @@ def summarize(records: list[dict], variants: list[str], settings: dict) -> dict:
 
 def write_csv(summary: dict, path: Path) -> None:
     """One row per prompt, per concept and per variant (``level`` says which), every metric and timing."""
-    header = ["level", "variant", "concept", "kind", "category", "template", *METRICS, *TIMINGS]
+    metrics = tuple(m for m in next(iter(summary["variants"].values())) if m in METRICS or m.startswith("truth_"))
+    header = ["level", "variant", "concept", "kind", "category", "template", *metrics, *TIMINGS]
     rows = []
     for variant, s in summary["variants"].items():
-        rows.append({"level": "variant", "variant": variant, **{m: s[m]["mean"] for m in METRICS},
+        rows.append({"level": "variant", "variant": variant, **{m: s[m]["mean"] for m in metrics},
                      **{t: s[t] for t in TIMINGS}})
     for concept, results in summary["concepts"].items():
         for variant, r in results.items():
             base = {"variant": variant, "concept": concept, "kind": r["kind"]}
-            rows.append({"level": "concept", **base, **{k: r[k] for k in (*METRICS, *TIMINGS)}})
+            rows.append({"level": "concept", **base, **{k: r[k] for k in (*metrics, *TIMINGS)}})
             rows += [{"level": "prompt", **base, "category": p["category"], "template": p["template"],
-                      **{m: p[m] for m in METRICS}} for p in r["prompts"]]
+                      **{m: p[m] for m in metrics}} for p in r["prompts"]]
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, newline="") as f:
         writer = csv.DictWriter(f, header)
         writer.writeheader()

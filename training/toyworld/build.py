@@ -1,0 +1,83 @@
+"""Build the toy world once, or reuse it: models, ground-truth classifier, pretraining images, concepts.
+
+A world folder (``world_folder``: under the cache, named by the budget and this module's ``VERSION``)::
+
+    sd/                        the world's "SD1.5" (diffusers folder, training.toyworld.models)
+    clip_vision.safetensors    its vision tower (open_clip keys)
+    truth.safetensors          the ground-truth classifier (training.toyworld.truth)
+    metrics_models/            random tiny DINO/CLIP files (training.metrics.TINY): evaluate computes
+                               those metrics too, but on this world only truth_* mean anything
+    pretraining_images/        --data for training.pretrain (held-out appearances left out)
+    concepts/                  --concepts for training.evaluate (held-out appearances)
+    build.json                 the budget and the seconds each part took
+
+It is built in a temporary sibling folder renamed when complete, so an interrupted build leaves no
+half-written world; a later run reuses a complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from training.metrics import TINY, write_random_metric_models
+from training.toyworld import files
+from training.toyworld.models import WorldBudget, WorldShapes, train_world_models
+from training.toyworld.truth import train_truth
+
+log = logging.getLogger(__name__)
+VERSION = 1  # bump when the world or its training changes, so caches rebuild
+DEFAULT_CACHE = Path.home() / ".cache" / "datencoder"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldPlan:
+    """What one world is: model budget, classifier steps, how many pretraining images and concepts."""
+
+    budget: WorldBudget = WorldBudget()
+    truth_steps: int = 1500
+    pretraining_images: int = 3000
+    concepts: int = 6
+    photos_per_concept: int = 3
+
+    @property
+    def name(self) -> str:
+        b = self.budget
+        return (f"toyworld-v{VERSION}-i{b.images}-v{b.vae_steps}-u{b.unet_steps}-b{b.batch_size}-lr{b.unet_lr:g}-s{b.seed}"
+                f"-t{self.truth_steps}-p{self.pretraining_images}-c{self.concepts}x{self.photos_per_concept}")
+
+
+FULL = WorldPlan()
+# The test's world: the pipeline end to end in a few minutes; too short for the UNet to follow prompts.
+REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=200, unet_steps=400, batch_size=16), truth_steps=500,
+                    pretraining_images=600, concepts=3)
+
+
+def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
+    """The world of ``plan`` under ``cache``, built first if it is not there (module docstring)."""
+    folder = Path(cache) / plan.name
+    if (folder / "build.json").is_file():
+        log.info("reusing the toy world %s", folder)
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    seconds = {}
+    start = time.perf_counter()
+    train_world_models(staging, WorldShapes(), plan.budget)
+    seconds["models"] = time.perf_counter() - start
+    start = time.perf_counter()
+    accuracy = train_truth(staging / "truth.safetensors", plan.truth_steps, plan.budget.seed)
+    seconds["truth"] = time.perf_counter() - start
+    write_random_metric_models(staging / "metrics_models", TINY)
+    files.write_pretraining_images(staging / "pretraining_images", plan.pretraining_images, plan.budget.seed + 2)
+    files.write_concepts(staging / "concepts", plan.concepts, plan.photos_per_concept, plan.budget.seed + 3)
+    build = {"plan": dataclasses.asdict(plan), "seconds": seconds, "truth_accuracy": accuracy}
+    (staging / "build.json").write_text(json.dumps(build, indent=2))
+    staging.rename(folder)
+    log.info("built the toy world %s in %.0f s", folder, sum(seconds.values()))
+    return folder

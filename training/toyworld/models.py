@@ -1,0 +1,209 @@
+"""The toy world's "SD1.5": a VAE, a CLIP text encoder and a text-to-image UNet with SD1.x's structure at
+tiny shapes, trained from scratch on the world (``training.toyworld.world``) on a CPU, plus a random-frozen
+open_clip vision tower; and the loader that makes them ``training.models.ReferenceModels``.
+
+Files in a world folder (what ``python -m training.pretrain --base DIR/sd --clip-vision DIR/clip_vision.safetensors``
+and ``training.evaluate`` read, through ``training.loading``):
+* ``sd/``: a diffusers ``StableDiffusionPipeline`` folder (unet, vae, text_encoder, tokenizer, scheduler);
+  the tokenizer is SD1.x's own (``training/configs/sd15/tokenizer``), the scheduler SD1.x's.
+* ``clip_vision.safetensors``: the vision tower in open_clip's keys (``visual.*``); never trained (the
+  issue allows a random-frozen tower: a random patch projection keeps the colours the encoder needs).
+* ``sd/world.json``: ``WorldShapes`` (the loader's contract: the pixel size and the vision tower's shape).
+
+Training (``train_world_models``): the VAE on reconstruction (MSE + a small KL, as SD's KL-f8 minus the
+GAN and perceptual terms), its latent scale set to 1/std of the latents (SD's ``scaling_factor``); then the
+text encoder and the UNet together on Eq. 1's eps-prediction loss at SD1.x's noise schedule, over
+captions of which a tenth are empty, so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from open_clip.model import CLIPVisionCfg, _build_vision_tower
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from datencoder_core import DATEncoderError, EncoderConfig
+from training.models import ReferenceModels, sd15_alphas_cumprod
+from training.toyworld import world
+
+log = logging.getLogger(__name__)
+SD15_TOKENIZER = Path(__file__).resolve().parents[1] / "configs" / "sd15" / "tokenizer"
+SHAPES_FILE = "world.json"
+
+
+@dataclass(frozen=True)
+class WorldShapes:
+    """Model widths of the world; SD1.x's structure (UNet cross-attention down/up blocks, KL VAE, CLIP)."""
+
+    image_size: int = world.SIZE
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 levels: 32 px -> 8x8x4 latents
+    unet_channels: tuple[int, ...] = (32, 64)
+    text_width: int = 32
+    text_layers: int = 2
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_patch: int = 4  # 8x8 CLIP tokens at 32 px
+
+    def vision_model(self) -> dict:
+        """open_clip's model-config shape for ``training.loading.load_vision_tower``."""
+        return {"embed_dim": self.text_width, "vision_cfg": {"layers": self.vision_layers, "width": self.vision_width,
+                                                             "head_width": 16, "patch_size": self.vision_patch,
+                                                             "image_size": self.image_size}}
+
+    def encoder_config(self) -> EncoderConfig:
+        """Encoder shapes for these models (the tiny preset's trunk)."""
+        return EncoderConfig(clip_dim=self.vision_width, unet_dim=self.unet_channels[-1], token_dim=self.text_width,
+                             trunk_channels=32, trunk_blocks=1, feature_dim=64, hyper_bottleneck=16)
+
+
+@dataclass(frozen=True)
+class WorldBudget:
+    """How long the world's models train (``full``: the report's world; ``reduced``: the test's)."""
+
+    images: int = 6000
+    vae_steps: int = 600
+    unet_steps: int = 2000
+    batch_size: int = 32
+    unet_lr: float = 5e-4  # peak, after a 5% warm-up, cosine decay
+    seed: int = 0
+
+
+def render_dataset(count: int, seed: int, appearances=world.APPEARANCES) -> tuple[np.ndarray, list[world.Scene], list[str]]:
+    """``count`` random scenes: images (N, S, S, 3), the scenes and a caption each."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.random_scene(rng, appearances) for _ in range(count)]
+    images = np.stack([world.render(scene, rng) for scene in scenes])
+    return images, scenes, [world.caption(scene, rng) for scene in scenes]
+
+
+def build_models(shapes: WorldShapes, seed: int) -> ReferenceModels:
+    """Random-initialised world models."""
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(SD15_TOKENIZER, local_files_only=True)
+    levels = len(shapes.vae_channels)
+    vae = AutoencoderKL(block_out_channels=shapes.vae_channels, down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, sample_size=shapes.image_size)
+    blocks = len(shapes.unet_channels)
+    unet = UNet2DConditionModel(sample_size=shapes.image_size // 2 ** (levels - 1), block_out_channels=shapes.unet_channels,
+                                down_block_types=("CrossAttnDownBlock2D",) * blocks,
+                                up_block_types=("CrossAttnUpBlock2D",) * blocks, layers_per_block=1,
+                                cross_attention_dim=shapes.text_width, attention_head_dim=8,
+                                norm_num_groups=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=shapes.text_width, intermediate_size=4 * shapes.text_width,
+        num_hidden_layers=shapes.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    vision = shapes.vision_model()
+    tower = _build_vision_tower(vision["embed_dim"], CLIPVisionCfg(**vision["vision_cfg"]))
+    return ReferenceModels(unet, vae, text_encoder, tokenizer, tower.eval(), sd15_alphas_cumprod(), shapes.image_size,
+                           shapes.encoder_config())
+
+
+def train_vae(vae: AutoencoderKL, images: np.ndarray, budget: WorldBudget) -> None:
+    """Reconstruction + 1e-6 KL; then ``scaling_factor`` = 1 / std of the latent means."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # (N, 3, S, S) in [-1, 1]
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(budget.seed)
+    vae.train()
+    for _ in (bar := tqdm(range(budget.vae_steps), desc="world VAE", unit="step")):
+        batch = pixels[torch.randint(len(pixels), (budget.batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample(generator)).sample, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels[:2048].split(256)])
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+
+
+def train_text_to_image(models: ReferenceModels, images: np.ndarray, captions: list[str], budget: WorldBudget) -> None:
+    """The text encoder and UNet together on the eps-prediction loss (Eq. 1), latents precomputed."""
+    vae, unet, text_encoder = models.vae, models.unet, models.text_encoder
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
+        latents = torch.cat([vae.encode(c).latent_dist.mean for c in pixels.split(256)]) * vae.config.scaling_factor
+    ids = models.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    alphas = models.alphas_cumprod
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=budget.unet_lr, weight_decay=1e-2)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=budget.unet_steps // 20,
+                             num_training_steps=budget.unet_steps)
+    generator = torch.Generator().manual_seed(budget.seed + 1)
+    unet.train(), text_encoder.train()
+    for _ in (bar := tqdm(range(budget.unet_steps), desc="world UNet + text encoder", unit="step")):
+        rows = torch.randint(len(latents), (budget.batch_size,), generator=generator)
+        t = torch.randint(len(alphas), (budget.batch_size,), generator=generator)
+        noise = torch.randn(latents[rows].shape, generator=generator)
+        abar = alphas[t].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * latents[rows] + (1 - abar).sqrt() * noise
+        context = text_encoder(ids[rows]).last_hidden_state
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.eval(), text_encoder.eval()
+
+
+def train_world_models(folder: Path, shapes: WorldShapes, budget: WorldBudget) -> ReferenceModels:
+    """Build, train and write the world's models into ``folder`` (``sd/`` and ``clip_vision.safetensors``)."""
+    models = build_models(shapes, budget.seed)
+    images, _, captions = render_dataset(budget.images, budget.seed)
+    train_vae(models.vae, images, budget)
+    train_text_to_image(models, images, captions, budget)
+    pipeline = StableDiffusionPipeline(models.vae, models.text_encoder, models.tokenizer, models.unet,
+                                       DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                     clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(folder / "sd")
+    (folder / "sd" / SHAPES_FILE).write_text(json.dumps(dataclasses.asdict(shapes), indent=2))
+    save_file({f"visual.{k}": v.contiguous() for k, v in models.vision_tower.state_dict().items()},
+              folder / "clip_vision.safetensors")
+    return models
+
+
+def is_world(base: Path) -> bool:
+    return (Path(base) / SHAPES_FILE).is_file()
+
+
+def load_world_models(base: Path, clip_vision: Path, *, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> ReferenceModels:
+    """The world's frozen models from ``base`` (its ``sd/`` folder) and ``clip_vision``, as ``load_reference_models``
+    gives SD1.5's."""
+    from training.loading import load_vision_tower
+
+    base = Path(base)
+    try:
+        raw = json.loads((base / SHAPES_FILE).read_text())
+        shapes = WorldShapes(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    except (ValueError, TypeError) as error:
+        raise DATEncoderError(f"{base / SHAPES_FILE}: not a toy world's shapes file ({error}); rebuild the world "
+                              f"with python -m training.toyworld") from None
+    options = {"torch_dtype": dtype, "local_files_only": True}
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", **options)
+    vae = AutoencoderKL.from_pretrained(base / "vae", **options)
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", **options)
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+    tower = load_vision_tower(clip_vision, vision_model=shapes.vision_model()).to(dtype)
+    models = ReferenceModels(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, tower, sd15_alphas_cumprod(),
+                             shapes.image_size, shapes.encoder_config())
+    return models.to(device)

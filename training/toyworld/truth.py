@@ -1,0 +1,154 @@
+"""Ground-truth metrics of the toy world: an attribute classifier trained on the world's own renders.
+
+``AttributeNet`` reads a (32 px) image and predicts, each as a softmax: the shape, the context, the body
+colour, the pattern colour and the pattern. It is trained on freshly rendered scenes of every appearance
+(it is a measuring instrument, not part of the method), blurred and noised as generations are. Per
+generated image of a concept and a prompt (``WorldTruth.score``, mean over the images):
+
+* ``truth_identity``: the mean of the probabilities it gives the concept's body colour, pattern colour and
+  pattern (the object's appearance, which no caption names; chance is (1/8 + 1/8 + 1/3) / 3 = 0.19);
+* ``truth_editability``: the probability of the prompt's context (chance 0.25);
+* ``truth_shape``: the probability of the concept's shape (its class word; chance 1/6).
+
+``python -m training.evaluate --truth FILE`` adds these beside CLIP and DINO; the concept's attributes come
+from its ``concept.json`` (``"appearance": [body, pattern colour, pattern]``) and the prompt's context from
+the context phrase in its text (``world.CONTEXTS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from datencoder_core import DATEncoderError
+from training.toyworld import world
+
+log = logging.getLogger(__name__)
+HEADS = {"shape": world.SHAPES, "context": tuple(world.CONTEXTS), "body": tuple(world.COLOURS),
+         "mark": tuple(world.COLOURS), "pattern": world.PATTERNS}
+METRICS = ("truth_identity", "truth_editability", "truth_shape")
+
+
+class AttributeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layers, width = [], 3
+        for out in (32, 64, 64):
+            layers += [nn.Conv2d(width, out, 3, padding=1), nn.GroupNorm(8, out), nn.SiLU(), nn.MaxPool2d(2)]
+            width = out
+        self.trunk = nn.Sequential(*layers, nn.Flatten())
+        self.heads = nn.ModuleDict({name: nn.Linear(width * (world.SIZE // 8) ** 2, len(labels))
+                                    for name, labels in HEADS.items()})
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """``images`` (B, S, S, 3) in [0, 1] -> logits per head."""
+        features = self.trunk(images.permute(0, 3, 1, 2) * 2 - 1)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def _labels(scene: world.Scene) -> dict[str, int]:
+    body, mark, pattern = scene.appearance
+    return {"shape": world.SHAPES.index(scene.shape), "context": list(world.CONTEXTS).index(scene.context),
+            "body": list(world.COLOURS).index(body), "mark": list(world.COLOURS).index(mark),
+            "pattern": world.PATTERNS.index(pattern)}
+
+
+def _degrade(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Random blur (a 3x3 box mixed in with a random weight) and pixel noise: how generations look."""
+    pixels = images.permute(0, 3, 1, 2)
+    weight = torch.rand(len(images), 1, 1, 1, generator=generator) * 0.7
+    blurred = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    noise = torch.randn(pixels.shape, generator=generator) * 0.04
+    return ((1 - weight) * pixels + weight * blurred + noise).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def train_truth(path: Path, steps: int, seed: int, batch_size: int = 64) -> dict[str, float]:
+    """Train ``AttributeNet`` on fresh renders and save it to ``path``; returns its held-out accuracy per head
+    (also written into the file's metadata)."""
+    from training.toyworld.models import render_dataset
+
+    torch.manual_seed(seed)
+    net = AttributeNet()
+    images, scenes, _ = render_dataset(steps * batch_size // 4, seed + 7)  # each image seen about 4 times
+    test_images, test_scenes, _ = render_dataset(1000, seed + 8)
+    pixels = torch.from_numpy(images)
+    labels = {k: torch.tensor([_labels(s)[k] for s in scenes]) for k in HEADS}
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in (bar := tqdm(range(steps), desc="ground-truth classifier", unit="step")):
+        rows = torch.randint(len(pixels), (batch_size,), generator=generator)
+        logits = net(_degrade(pixels[rows], generator))
+        loss = sum(F.cross_entropy(logits[k], labels[k][rows]) for k in HEADS)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    net.eval()
+    with torch.no_grad():
+        logits = net(_degrade(torch.from_numpy(test_images), generator))
+    accuracy = {k: float((logits[k].argmax(-1) == torch.tensor([_labels(s)[k] for s in test_scenes])).float().mean())
+                for k in HEADS}
+    save_file(net.state_dict(), path, metadata={"accuracy": json.dumps(accuracy)})
+    log.info("ground-truth classifier: held-out accuracy %s", accuracy)
+    return accuracy
+
+
+def prompt_context(text: str) -> str:
+    """The world context a prompt names; raises if it names none."""
+    found = [name for name, phrase in world.CONTEXTS.items() if phrase in text]
+    if len(found) != 1:
+        raise DATEncoderError(f"prompt {text!r}: expected exactly one of the world's context phrases "
+                              f"{list(world.CONTEXTS.values())}, found {found}")
+    return found[0]
+
+
+class WorldTruth:
+    """The ground-truth scorer ``training.evaluate`` runs beside CLIP and DINO (module docstring)."""
+
+    def __init__(self, path: Path):
+        self.net = AttributeNet()
+        try:
+            self.net.load_state_dict(load_file(str(path)))
+        except (OSError, RuntimeError) as error:
+            raise DATEncoderError(f"--truth {path}: expected the toy world's attribute classifier "
+                                  f"(training/toyworld/truth.py, written by python -m training.toyworld): {error}") from None
+        self.net.eval()
+
+    @torch.no_grad()
+    def probabilities(self, images: Tensor) -> dict[str, Tensor]:
+        """Per head, (N, classes) probabilities of ``images`` (N, H, W, 3) in [0, 1] at the world's size."""
+        pixels = images.float()
+        if pixels.shape[1] != world.SIZE:
+            pixels = F.interpolate(pixels.permute(0, 3, 1, 2), size=world.SIZE, mode="area").permute(0, 2, 3, 1)
+        return {k: v.softmax(-1) for k, v in self.net(pixels).items()}
+
+    def score(self, generated: Tensor, concept_folder: Path, prompt_text: str) -> dict[str, float]:
+        meta = json.loads((Path(concept_folder) / "concept.json").read_text())
+        if "appearance" not in meta:
+            raise DATEncoderError(f"{concept_folder}/concept.json: no \"appearance\"; --truth scores toy-world "
+                                  f"concepts only (python -m training.toyworld writes them)")
+        body, mark, pattern = meta["appearance"]
+        p = self.probabilities(generated)
+        identity = (p["body"][:, HEADS["body"].index(body)] + p["mark"][:, HEADS["mark"].index(mark)]
+                    + p["pattern"][:, HEADS["pattern"].index(pattern)]) / 3
+        context = p["context"][:, HEADS["context"].index(prompt_context(prompt_text))]
+        shape = p["shape"][:, HEADS["shape"].index(meta["class"])]
+        return {"truth_identity": float(identity.mean()), "truth_editability": float(context.mean()),
+                "truth_shape": float(shape.mean())}
+
+
+def heldout_accuracy(path: Path) -> dict[str, float]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        return json.loads(file.metadata()["accuracy"])
+

@@ -1,0 +1,126 @@
+"""The toy world's images and captions: a named shape with an unnamed appearance in a named context.
+
+An image (``SIZE`` px, RGB in [0, 1]) is drawn from a ``Scene``:
+* ``shape`` (``SHAPES``, each one token of SD1.x's CLIP vocabulary): the object's outline, at a random
+  centre and radius (position and scale vary);
+* ``appearance`` = (body colour, pattern colour, pattern) from ``COLOURS`` x ``COLOURS`` x ``PATTERNS``,
+  the two colours different: what no caption ever names, so only an image can convey it;
+* ``context`` (``CONTEXTS``): the background, named in captions ("in the snow", "at night").
+
+A concept is one shape with one appearance; ``HELDOUT_APPEARANCES`` are never in the encoder's
+pretraining data (the world's base models see every appearance, as SD1.5 has seen most things).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 32
+SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
+CONTEXTS = {"snow": "in the snow", "grass": "on the grass", "beach": "on the beach", "night": "at night"}
+COLOURS = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (1.0, 0.9, 0.1), "pink": (1.0, 0.45, 0.75),
+           "purple": (0.55, 0.15, 0.8), "cyan": (0.0, 0.85, 0.85), "blue": (0.1, 0.25, 1.0),
+           "brown": (0.45, 0.25, 0.05)}
+PATTERNS = ("stripes", "checks", "dots")
+APPEARANCES = tuple((body, mark, pattern) for body, mark in itertools.permutations(COLOURS, 2) for pattern in PATTERNS)
+# Every 10th appearance (17 of 168) is held out of pretraining: the evaluated concepts have these.
+HELDOUT_APPEARANCES = APPEARANCES[3::10]
+# The captions the base models learn (the object word, then the context phrase); a tenth are empty
+# (classifier-free guidance) and a fifth name no context (the tuning prompt "a photo of {}" has none).
+CAPTION_TEMPLATES = ("a photo of a {shape} {context}", "a {shape} {context}", "a picture of a {shape} {context}")
+NO_CONTEXT_TEMPLATES = ("a photo of a {shape}", "a {shape}")
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    appearance: tuple[str, str, str]
+    context: str
+    centre: tuple[float, float]  # (x, y) pixels
+    radius: float  # pixels
+
+
+def random_scene(rng: np.random.Generator, appearances=APPEARANCES, shape: str | None = None,
+                 appearance: tuple[str, str, str] | None = None, context: str | None = None) -> Scene:
+    """A scene with the given attributes and the others drawn from ``rng`` (appearance from ``appearances``)."""
+    return Scene(shape or SHAPES[rng.integers(len(SHAPES))],
+                 appearance or appearances[rng.integers(len(appearances))],
+                 context or list(CONTEXTS)[rng.integers(len(CONTEXTS))],
+                 (float(rng.uniform(11, SIZE - 11)), float(rng.uniform(11, SIZE - 11))), float(rng.uniform(7, 10)))
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption naming the shape and (usually) the context, never the appearance."""
+    u = rng.uniform()
+    if u < 0.1:
+        return ""
+    if u < 0.3:
+        return NO_CONTEXT_TEMPLATES[rng.integers(len(NO_CONTEXT_TEMPLATES))].format(shape=scene.shape)
+    template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+    return template.format(shape=scene.shape, context=CONTEXTS[scene.context])
+
+
+def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """(SIZE, SIZE, 3) float32 in [0, 1]; ``rng`` draws the background's texture."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+    image = _background(scene.context, y, rng)
+    mask = _shape_mask(scene.shape, (x - scene.centre[0]) / scene.radius, (y - scene.centre[1]) / scene.radius)
+    body, mark, pattern = scene.appearance
+    marks = _pattern_mask(pattern, x - scene.centre[0], y - scene.centre[1])
+    paint = np.where(marks[..., None], COLOURS[mark], COLOURS[body]).astype(np.float32)
+    return np.where(mask[..., None], paint, image).clip(0, 1).astype(np.float32)
+
+
+def _background(context: str, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    noise = rng.normal(0, 0.03, (SIZE, SIZE, 1)).astype(np.float32)
+    if context == "snow":
+        image = np.full((SIZE, SIZE, 3), (0.92, 0.94, 0.98), np.float32) + noise
+        flakes = rng.uniform(size=(SIZE, SIZE)) < 0.06
+        image[flakes] = (0.75, 0.85, 0.95)
+    elif context == "grass":
+        image = np.full((SIZE, SIZE, 3), (0.25, 0.6, 0.2), np.float32) + noise
+        blades = rng.uniform(size=(1, SIZE)) < 0.3
+        image[np.broadcast_to(blades, (SIZE, SIZE))] = (0.15, 0.42, 0.12)
+    elif context == "beach":
+        horizon = SIZE * rng.uniform(0.3, 0.45)
+        sky, sand = np.array((0.55, 0.78, 0.97), np.float32), np.array((0.93, 0.83, 0.58), np.float32)
+        image = np.where((y < horizon)[..., None], sky, sand) + noise
+    elif context == "night":
+        image = np.full((SIZE, SIZE, 3), (0.04, 0.05, 0.2), np.float32) + noise / 2
+        image[rng.uniform(size=(SIZE, SIZE)) < 0.04] = (0.95, 0.95, 0.8)
+    else:
+        raise ValueError(f"unknown context {context!r}; expected one of {list(CONTEXTS)}")
+    return image
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside-test in the object's unit coordinates (radius 1)."""
+    r = np.hypot(u, v)
+    if shape == "circle":
+        return r <= 1
+    if shape == "ring":
+        return (r <= 1) & (r >= 0.55)
+    if shape == "square":
+        return (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+    if shape == "triangle":
+        return (v <= 0.8) & (v >= 1.9 * np.abs(u) - 1.0)
+    if shape == "cross":
+        return ((np.abs(u) <= 0.33) & (np.abs(v) <= 1)) | ((np.abs(v) <= 0.33) & (np.abs(u) <= 1))
+    if shape == "star":
+        angle = np.arctan2(v, u) + np.pi / 2
+        return r <= 0.45 + 0.55 * np.abs(np.cos(2.5 * angle)) ** 3
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def _pattern_mask(pattern: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Where the pattern colour goes, in pixels from the object's centre (the pattern moves with it)."""
+    if pattern == "stripes":
+        return np.floor(dy / 2.5).astype(int) % 2 == 0
+    if pattern == "checks":
+        return (np.floor(dx / 3.5).astype(int) + np.floor(dy / 3.5).astype(int)) % 2 == 0
+    if pattern == "dots":
+        return np.hypot((dx % 5) - 2.5, (dy % 5) - 2.5) <= 1.3
+    raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
