@@ -18,6 +18,7 @@ import yaml
 
 from training import checkpoints, evaluate, pretrain
 from training.toyworld.models import WorldShapes
+from training.toyworld.world import SIZE as WORLD_SIZE
 
 log = logging.getLogger(__name__)
 PROMPTS = Path(__file__).parent / "prompts.txt"
@@ -58,7 +59,8 @@ def pretrain_config(plan: ExperimentPlan, regularization: str, shapes: WorldShap
                      "mixed_precision": "no", "allow_tf32": False, "heldout_images": 8, "heldout_timesteps": 2,
                      "checkpoint_every": steps, "checkpoints_total_limit": 1, "log_every": 10,
                      "validation_every": steps, "sample_every": steps, "sample_images": 2, "sample_steps": 10,
-                     "num_workers": 0, "embedding_regularization": regularization, "seed": 0},
+                     "num_workers": 0, "embedding_regularization": regularization, "seed": 0,
+                     "min_image_side": WORLD_SIZE},  # the world's images are all this small
     }
 
 
