@@ -17,7 +17,8 @@ from training.toyworld import world
 from training.toyworld.__main__ import main as toyworld_main
 from training.concepts import load_photo
 from training.toyworld.build import REDUCED
-from training.toyworld.models import WorldShapes, build_models, load_world_models
+from datencoder_core.vocab import nearest_tokens
+from training.toyworld.models import WorldShapes, build_models, forget_unused_words, load_world_models, world_token_ids
 from training.toyworld.truth import AttributeNet, WorldTruth
 
 
@@ -94,3 +95,23 @@ def test_truth_refuses_a_concept_that_is_not_from_the_world(reduced_run, tmp_pat
     with pytest.raises(DATEncoderError, match="context phrases"):
         truth.score(torch.zeros(1, 32, 32, 3), reduced_run[1] / "concepts" / sorted(
             p.name for p in (reduced_run[1] / "concepts").iterdir())[0], "a photo of a dog")
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_the_nearest_word_of_any_v_star_is_a_world_word_and_captions_encode_as_before(forget):
+    """With the unused rows zeroed, the nearest token of random v* is one of the world's 20 tokens, and every
+    caption's encoding is unchanged; without (the broken world) the search lands on untrained words."""
+    models = build_models(WorldShapes(), seed=0)
+    ids = models.tokenizer(["a photo of a star on the beach", "a circle", ""], padding="max_length", max_length=77,
+                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = models.text_encoder(ids).last_hidden_state
+        if forget:
+            forget_unused_words(models.text_encoder, models.tokenizer)
+        after = models.text_encoder(ids).last_hidden_state
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    vocab = models.text_encoder.get_input_embeddings().weight
+    v_star = torch.randn(200, vocab.shape[1], generator=torch.Generator().manual_seed(0))
+    nearest = nearest_tokens(v_star, vocab, 1, [models.tokenizer.bos_token_id, models.tokenizer.eos_token_id])[:, 0]
+    in_world = torch.isin(nearest, torch.tensor(world_token_ids(models.tokenizer)))
+    assert bool(in_world.all()) == forget, in_world.float().mean()

@@ -30,7 +30,7 @@ from training.toyworld.models import WorldBudget, WorldShapes, train_world_model
 from training.toyworld.truth import train_truth
 
 log = logging.getLogger(__name__)
-VERSION = 1  # bump when the world or its training changes, so caches rebuild
+VERSION = 2  # bump when the world or its training changes, so caches rebuild
 DEFAULT_CACHE = Path.home() / ".cache" / "datencoder"
 
 
@@ -39,7 +39,7 @@ class WorldPlan:
     """What one world is: model budget, classifier steps, how many pretraining images and concepts."""
 
     budget: WorldBudget = WorldBudget()
-    truth_steps: int = 1500
+    truth_steps: int = 800
     pretraining_images: int = 3000
     concepts: int = 6
     photos_per_concept: int = 3

@@ -116,7 +116,7 @@ Verdict: **reproduces** = the difference has the claimed sign in every seed; **m
 {variant_table(results)}
 
 truth_identity: the ground-truth classifier's mean probability of the concept's body colour, pattern colour
-and pattern (chance 0.19); truth_editability: its probability of the prompt's context (chance 0.25);
+and pattern (chance 0.22); truth_editability: its probability of the prompt's context (chance 0.25);
 truth_shape: of the concept's shape (chance 0.17). CLIP/DINO in each `evaluate/*/metrics.json` come from
 random tiny metric models (no real weights exist here) and carry no meaning.
 

@@ -21,12 +21,11 @@ import numpy as np
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 CONTEXTS = {"snow": "in the snow", "grass": "on the grass", "beach": "on the beach", "night": "at night"}
-COLOURS = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (1.0, 0.9, 0.1), "pink": (1.0, 0.45, 0.75),
-           "purple": (0.55, 0.15, 0.8), "cyan": (0.0, 0.85, 0.85), "blue": (0.1, 0.25, 1.0),
-           "brown": (0.45, 0.25, 0.05)}
+COLOURS = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (1.0, 0.9, 0.1),
+           "purple": (0.55, 0.15, 0.8), "cyan": (0.0, 0.85, 0.85), "blue": (0.1, 0.25, 1.0)}
 PATTERNS = ("stripes", "checks", "dots")
 APPEARANCES = tuple((body, mark, pattern) for body, mark in itertools.permutations(COLOURS, 2) for pattern in PATTERNS)
-# Every 10th appearance (17 of 168) is held out of pretraining: the evaluated concepts have these.
+# Every 10th appearance (9 of 90) is held out of pretraining: the evaluated concepts have these.
 HELDOUT_APPEARANCES = APPEARANCES[3::10]
 # The captions the base models learn (the object word, then the context phrase); a tenth are empty
 # (classifier-free guidance) and a fifth name no context (the tuning prompt "a photo of {}" has none).
@@ -49,7 +48,7 @@ def random_scene(rng: np.random.Generator, appearances=APPEARANCES, shape: str |
     return Scene(shape or SHAPES[rng.integers(len(SHAPES))],
                  appearance or appearances[rng.integers(len(appearances))],
                  context or list(CONTEXTS)[rng.integers(len(CONTEXTS))],
-                 (float(rng.uniform(11, SIZE - 11)), float(rng.uniform(11, SIZE - 11))), float(rng.uniform(7, 10)))
+                 (float(rng.uniform(13, SIZE - 13)), float(rng.uniform(13, SIZE - 13))), float(rng.uniform(9, 11.5)))
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -118,9 +117,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _pattern_mask(pattern: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Where the pattern colour goes, in pixels from the object's centre (the pattern moves with it)."""
     if pattern == "stripes":
-        return np.floor(dy / 2.5).astype(int) % 2 == 0
+        return np.floor(dy / 4).astype(int) % 2 == 0
     if pattern == "checks":
-        return (np.floor(dx / 3.5).astype(int) + np.floor(dy / 3.5).astype(int)) % 2 == 0
+        return (np.floor(dx / 5).astype(int) + np.floor(dy / 5).astype(int)) % 2 == 0
     if pattern == "dots":
-        return np.hypot((dx % 5) - 2.5, (dy % 5) - 2.5) <= 1.3
+        return np.hypot((dx + 3) % 7 - 3.5, (dy + 3) % 7 - 3.5) <= 2.2
     raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
