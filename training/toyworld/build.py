@@ -9,7 +9,8 @@ A world folder (``world_folder``: under the cache, named by the budget and this 
                                those metrics too, but on this world only truth_* mean anything
     pretraining_images/        --data for training.pretrain (held-out appearances left out)
     concepts/                  --concepts for training.evaluate (held-out appearances)
-    build.json                 the budget and the seconds each part took
+    build.json                 the budget, the seconds each part took, the classifier's accuracy and
+                               what the world's models can do (``checks.world_checks``)
 
 It is built in a temporary sibling folder renamed when complete, so an interrupted build leaves no
 half-written world; a later run reuses a complete one.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from training.metrics import TINY, write_random_metric_models
 from training.toyworld import files
+from training.toyworld.checks import world_checks
 from training.toyworld.models import WorldBudget, WorldShapes, train_world_models
 from training.toyworld.truth import train_truth
 
@@ -76,7 +78,8 @@ def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
     write_random_metric_models(staging / "metrics_models", TINY)
     files.write_pretraining_images(staging / "pretraining_images", plan.pretraining_images, plan.budget.seed + 2)
     files.write_concepts(staging / "concepts", plan.concepts, plan.photos_per_concept, plan.budget.seed + 3)
-    build = {"plan": dataclasses.asdict(plan), "seconds": seconds, "truth_accuracy": accuracy}
+    build = {"plan": dataclasses.asdict(plan), "seconds": seconds, "truth_accuracy": accuracy,
+             "checks": world_checks(staging)}
     (staging / "build.json").write_text(json.dumps(build, indent=2))
     staging.rename(folder)
     log.info("built the toy world %s in %.0f s", folder, sum(seconds.values()))

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from training.report import atomic_write_text
+from training.toyworld.checks import format_checks
 from training.toyworld.claims import Claim, Results
 from training.toyworld.truth import METRICS
 
@@ -121,6 +122,10 @@ truth_shape: of the concept's shape (chance 0.17). CLIP/DINO in each `evaluate/*
 random tiny metric models (no real weights exist here) and carry no meaning.
 
 Ground-truth classifier accuracy on fresh degraded renders: {json.dumps({k: round(v, 3) for k, v in build['truth_accuracy'].items()})}.
+
+What the world's own models do, before any encoder (`checks.py`): {format_checks(build['checks'])}. The
+identity of the concept photos and of their VAE reconstructions, and the probability of the prompted shape
+and context on the base UNet's generations of "a photo of a {{shape}} {{context}}".
 
 ![trade-off](tradeoff_truth.png)
 
