@@ -25,8 +25,8 @@ from training.toyworld.truth import AttributeNet, WorldTruth
 @pytest.fixture(scope="module")
 def reduced_run(tmp_path_factory):
     cache, output = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("toyworld")
-    # One torch thread: on a 2-core machine shared with other work, two threads ran about 10x slower.
-    report = toyworld_main(["--output", str(output), "--reduced", "--cache", str(cache), "--threads", "1"])
+    # One job of one torch thread: on a 2-core machine shared with other work, two threads ran about 10x slower.
+    report = toyworld_main(["--output", str(output), "--reduced", "--cache", str(cache), "--jobs", "1"])
     return report, cache / REDUCED.name
 
 
@@ -115,3 +115,16 @@ def test_the_nearest_word_of_any_v_star_is_a_world_word_and_captions_encode_as_b
     nearest = nearest_tokens(v_star, vocab, 1, [models.tokenizer.bos_token_id, models.tokenizer.eos_token_id])[:, 0]
     in_world = torch.isin(nearest, torch.tensor(world_token_ids(models.tokenizer)))
     assert bool(in_world.all()) == forget, in_world.float().mean()
+
+
+def test_two_jobs_give_the_numbers_of_one(reduced_run, tmp_path):
+    """The pretrainings and evaluations run in two single-threaded processes (``--jobs 2``, the world reused
+    from the cache) give every seed's ground-truth metrics of the one-process run."""
+    one = reduced_run[0].parent
+    toyworld_main(["--output", str(tmp_path), "--reduced", "--cache", str(reduced_run[1].parent), "--jobs", "2"])
+    for summary in sorted(one.glob("evaluate/*/metrics.json")):
+        expected = json.loads(summary.read_text())["variants"]
+        got = json.loads((tmp_path / summary.relative_to(one)).read_text())["variants"]
+        for variant, metrics in expected.items():
+            for name in ("truth_identity", "truth_editability", "truth_shape"):
+                assert got[variant][name]["mean"] == pytest.approx(metrics[name]["mean"], abs=1e-5), (summary, variant)

@@ -1,4 +1,4 @@
-"""``python -m training.toyworld --output DIR [--reduced] [--cache DIR] [--threads N]``
+"""``python -m training.toyworld --output DIR [--reduced] [--cache DIR] [--jobs N]``
 
 Builds (or reuses from the cache) the toy world and its models, pretrains the DATEncoder on it with
 ``training.pretrain`` and scores held-out concepts with ``training.evaluate``, then writes
@@ -31,10 +31,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--reduced", action="store_true", help="the test's smaller world and experiment")
     parser.add_argument("--cache", type=Path, default=build.DEFAULT_CACHE, help="where worlds are built once")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="CPU cores to use: the world's build runs this many torch threads, then up to this many "
+                             "pretrainings and evaluations run at once, one thread each (default 2; 1 on a machine "
+                             "busy with other work)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    torch.set_num_threads(args.jobs)
     world_plan, plan = ((build.REDUCED, experiment.REDUCED_EXPERIMENT) if args.reduced
                         else (build.FULL, experiment.FULL_EXPERIMENT))
     args.output.mkdir(parents=True, exist_ok=True)
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> Path:
     world = build.world_folder(world_plan, args.cache)
     seconds = {"world (build or reuse)": time.perf_counter() - start}
     start = time.perf_counter()
-    results = experiment.run(world, args.output, plan)
+    results = experiment.run(world, args.output, plan, args.jobs)
     seconds["pretrain + evaluate"] = time.perf_counter() - start
     class_words = {p.name: json.loads((p / "concept.json").read_text())["class"]
                    for p in (world / "concepts").iterdir() if p.is_dir()}

@@ -189,7 +189,7 @@ def forget_unused_words(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -
 
     SD1.5's text encoder was trained on every token of its vocabulary, so the nearest token of a v* (Eq. 3's
     positives, Eq. 5's hard path) is always a word with a meaning. The world's captions use 18 words; the
-    other 49,000 rows are random initialisations that never got a gradient, and a v* would land on one of them
+    other 49,000 rows are random initialisations that no caption ever trained, and a v* would land on one of them
     (a nonsense word in the hard path). Zeroed rows have cosine 0 to every v*, so the search lands on a world
     word wherever any has a positive cosine. No caption contains them, so no caption's encoding changes."""
     embedding = text_encoder.get_input_embeddings().weight
