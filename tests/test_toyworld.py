@@ -37,6 +37,14 @@ def test_the_ground_truth_classifier_reads_every_attribute(reduced_run):
     assert min(accuracy.values()) > 0.5, accuracy
 
 
+def test_the_world_vision_tower_tells_appearances_apart(reduced_run):
+    """Held out, its linear heads name the body colour, the pattern colour and the pattern far above chance
+    (1/6, 1/6, 1/3), so the encoder's CLIP features carry what identity is scored on; untrained heads sit at
+    chance."""
+    accuracy = json.loads((reduced_run[1] / "build.json").read_text())["vision_accuracy"]
+    assert accuracy["body"] > 0.4 and accuracy["mark"] > 0.4 and accuracy["pattern"] > 0.5, accuracy
+
+
 @pytest.mark.parametrize("trained", [True, False])
 def test_truth_scores_a_concepts_own_renders_above_another_appearance(reduced_run, trained, tmp_path):
     """The trained classifier tells the concept's appearance and the prompt's context from others; the same

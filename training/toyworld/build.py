@@ -9,8 +9,8 @@ A world folder (``world_folder``: under the cache, named by the budget and this 
                                those metrics too, but on this world only truth_* mean anything
     pretraining_images/        --data for training.pretrain (held-out appearances left out)
     concepts/                  --concepts for training.evaluate (held-out appearances)
-    build.json                 the budget, the seconds each part took, the classifier's accuracy and
-                               what the world's models can do (``checks.world_checks``)
+    build.json                 the budget, the seconds each part took, the held-out accuracy of the vision
+                               tower and of the classifier, what the world's models can do (``checks``)
 
 It is built in a temporary sibling folder renamed when complete, so an interrupted build leaves no
 half-written world; a later run reuses a complete one.
@@ -32,7 +32,7 @@ from training.toyworld.models import WorldBudget, WorldShapes, train_world_model
 from training.toyworld.truth import train_truth
 
 log = logging.getLogger(__name__)
-VERSION = 2  # bump when the world or its training changes, so caches rebuild
+VERSION = 3  # bump when the world or its training changes, so caches rebuild
 DEFAULT_CACHE = Path.home() / ".cache" / "datencoder"
 
 
@@ -49,14 +49,15 @@ class WorldPlan:
     @property
     def name(self) -> str:
         b = self.budget
-        return (f"toyworld-v{VERSION}-i{b.images}-v{b.vae_steps}-u{b.unet_steps}-b{b.batch_size}-lr{b.unet_lr:g}-s{b.seed}"
-                f"-t{self.truth_steps}-p{self.pretraining_images}-c{self.concepts}x{self.photos_per_concept}")
+        return (f"toyworld-v{VERSION}-i{b.images}-v{b.vae_steps}-u{b.unet_steps}-b{b.batch_size}-lr{b.unet_lr:g}"
+                f"-vt{b.vision_steps}-s{b.seed}-t{self.truth_steps}-p{self.pretraining_images}"
+                f"-c{self.concepts}x{self.photos_per_concept}")
 
 
 FULL = WorldPlan()
 # The test's world: the pipeline end to end in a few minutes; too short for the UNet to follow prompts.
-REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=200, unet_steps=400, batch_size=16), truth_steps=500,
-                    pretraining_images=600, concepts=3)
+REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=200, unet_steps=400, batch_size=16, vision_steps=1000),
+                    truth_steps=500, pretraining_images=600, concepts=3)
 
 
 def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
@@ -70,7 +71,7 @@ def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
     staging.mkdir(parents=True)
     seconds = {}
     start = time.perf_counter()
-    train_world_models(staging, WorldShapes(), plan.budget)
+    vision_accuracy = train_world_models(staging, WorldShapes(), plan.budget)
     seconds["models"] = time.perf_counter() - start
     start = time.perf_counter()
     accuracy = train_truth(staging / "truth.safetensors", plan.truth_steps, plan.budget.seed)
@@ -78,8 +79,8 @@ def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
     write_random_metric_models(staging / "metrics_models", TINY)
     files.write_pretraining_images(staging / "pretraining_images", plan.pretraining_images, plan.budget.seed + 2)
     files.write_concepts(staging / "concepts", plan.concepts, plan.photos_per_concept, plan.budget.seed + 3)
-    build = {"plan": dataclasses.asdict(plan), "seconds": seconds, "truth_accuracy": accuracy,
-             "checks": world_checks(staging)}
+    build = {"plan": dataclasses.asdict(plan), "seconds": seconds, "vision_accuracy": vision_accuracy,
+             "truth_accuracy": accuracy, "checks": world_checks(staging)}
     (staging / "build.json").write_text(json.dumps(build, indent=2))
     staging.rename(folder)
     log.info("built the toy world %s in %.0f s", folder, sum(seconds.values()))

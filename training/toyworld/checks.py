@@ -23,7 +23,7 @@ from training.concepts import load_photo
 from training.sampling import ConceptPrediction, generate
 from training.toyworld import world
 from training.toyworld.models import load_world_models
-from training.toyworld.truth import HEADS, WorldTruth
+from training.toyworld.truth import WorldTruth
 
 
 @torch.no_grad()
@@ -52,8 +52,8 @@ def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int =
             images = generate(backend, word, "a photo of a {} " + phrase, list(range(images_per_prompt)), alpha=0.0,
                               steps=sampling_steps, guidance=4.0)
             p = truth.probabilities(images)
-            shape_p.append(float(p["shape"][:, HEADS["shape"].index(shape)].mean()))
-            context_p.append(float(p["context"][:, HEADS["context"].index(context)].mean()))
+            shape_p.append(float(p["shape"][:, world.ATTRIBUTES["shape"].index(shape)].mean()))
+            context_p.append(float(p["context"][:, world.ATTRIBUTES["context"].index(context)].mean()))
     return identity | {"prompt_shape": float(np.mean(shape_p)), "prompt_context": float(np.mean(context_p))}
 
 

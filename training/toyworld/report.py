@@ -23,6 +23,10 @@ def _pm(values) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
+def _rounded(values: dict[str, float]) -> str:
+    return json.dumps({k: round(v, 3) for k, v in values.items()})
+
+
 def claims_table(claims: list[Claim]) -> str:
     rows = ["| # | claim | measure | method | comparison | difference | relative | paper | verdict |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -121,7 +125,9 @@ and pattern (chance 0.22); truth_editability: its probability of the prompt's co
 truth_shape: of the concept's shape (chance 0.17). CLIP/DINO in each `evaluate/*/metrics.json` come from
 random tiny metric models (no real weights exist here) and carry no meaning.
 
-Ground-truth classifier accuracy on fresh degraded renders: {json.dumps({k: round(v, 3) for k, v in build['truth_accuracy'].items()})}.
+Held-out accuracy per attribute of the ground-truth classifier on fresh degraded renders:
+{_rounded(build['truth_accuracy'])}; of the world's vision tower (a linear head each on its pooled tokens,
+`models.train_vision_tower`): {_rounded(build['vision_accuracy'])}.
 
 What the world's own models do, before any encoder (`checks.py`): {format_checks(build['checks'])}. The
 identity of the concept photos and of their VAE reconstructions, and the probability of the prompted shape

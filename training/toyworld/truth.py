@@ -31,8 +31,6 @@ from datencoder_core import DATEncoderError
 from training.toyworld import world
 
 log = logging.getLogger(__name__)
-HEADS = {"shape": world.SHAPES, "context": tuple(world.CONTEXTS), "body": tuple(world.COLOURS),
-         "mark": tuple(world.COLOURS), "pattern": world.PATTERNS}
 METRICS = ("truth_identity", "truth_editability", "truth_shape")
 
 
@@ -45,19 +43,12 @@ class AttributeNet(nn.Module):
             width = out
         self.trunk = nn.Sequential(*layers, nn.Flatten())
         self.heads = nn.ModuleDict({name: nn.Linear(width * (world.SIZE // 8) ** 2, len(labels))
-                                    for name, labels in HEADS.items()})
+                                    for name, labels in world.ATTRIBUTES.items()})
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``images`` (B, S, S, 3) in [0, 1] -> logits per head."""
         features = self.trunk(images.permute(0, 3, 1, 2) * 2 - 1)
         return {name: head(features) for name, head in self.heads.items()}
-
-
-def _labels(scene: world.Scene) -> dict[str, int]:
-    body, mark, pattern = scene.appearance
-    return {"shape": world.SHAPES.index(scene.shape), "context": list(world.CONTEXTS).index(scene.context),
-            "body": list(world.COLOURS).index(body), "mark": list(world.COLOURS).index(mark),
-            "pattern": world.PATTERNS.index(pattern)}
 
 
 def _degrade(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -79,14 +70,14 @@ def train_truth(path: Path, steps: int, seed: int, batch_size: int = 64) -> dict
     images, scenes, _ = render_dataset(steps * batch_size // 4, seed + 7)  # each image seen about 4 times
     test_images, test_scenes, _ = render_dataset(1000, seed + 8)
     pixels = torch.from_numpy(images)
-    labels = {k: torch.tensor([_labels(s)[k] for s in scenes]) for k in HEADS}
+    labels = {k: torch.from_numpy(v) for k, v in world.attribute_labels(scenes).items()}
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     for _ in (bar := tqdm(range(steps), desc="ground-truth classifier", unit="step")):
         rows = torch.randint(len(pixels), (batch_size,), generator=generator)
         logits = net(_degrade(pixels[rows], generator))
-        loss = sum(F.cross_entropy(logits[k], labels[k][rows]) for k in HEADS)
+        loss = sum(F.cross_entropy(logits[k], labels[k][rows]) for k in world.ATTRIBUTES)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -95,8 +86,8 @@ def train_truth(path: Path, steps: int, seed: int, batch_size: int = 64) -> dict
     net.eval()
     with torch.no_grad():
         logits = net(_degrade(torch.from_numpy(test_images), generator))
-    accuracy = {k: float((logits[k].argmax(-1) == torch.tensor([_labels(s)[k] for s in test_scenes])).float().mean())
-                for k in HEADS}
+    accuracy = {k: float((logits[k].argmax(-1) == torch.from_numpy(v)).float().mean())
+                for k, v in world.attribute_labels(test_scenes).items()}
     save_file(net.state_dict(), path, metadata={"accuracy": json.dumps(accuracy)})
     log.info("ground-truth classifier: held-out accuracy %s", accuracy)
     return accuracy
@@ -136,12 +127,11 @@ class WorldTruth:
         if "appearance" not in meta:
             raise DATEncoderError(f"{concept_folder}/concept.json: no \"appearance\"; --truth scores toy-world "
                                   f"concepts only (python -m training.toyworld writes them)")
-        body, mark, pattern = meta["appearance"]
         p = self.probabilities(generated)
-        identity = (p["body"][:, HEADS["body"].index(body)] + p["mark"][:, HEADS["mark"].index(mark)]
-                    + p["pattern"][:, HEADS["pattern"].index(pattern)]) / 3
-        context = p["context"][:, HEADS["context"].index(prompt_context(prompt_text))]
-        shape = p["shape"][:, HEADS["shape"].index(meta["class"])]
+        identity = sum(p[name][:, world.ATTRIBUTES[name].index(value)]
+                       for name, value in zip(("body", "mark", "pattern"), meta["appearance"])) / 3
+        context = p["context"][:, world.ATTRIBUTES["context"].index(prompt_context(prompt_text))]
+        shape = p["shape"][:, world.ATTRIBUTES["shape"].index(meta["class"])]
         return {"truth_identity": float(identity.mean()), "truth_editability": float(context.mean()),
                 "truth_shape": float(shape.mean())}
 

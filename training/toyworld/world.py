@@ -24,6 +24,9 @@ CONTEXTS = {"snow": "in the snow", "grass": "on the grass", "beach": "on the bea
 COLOURS = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (1.0, 0.9, 0.1),
            "purple": (0.55, 0.15, 0.8), "cyan": (0.0, 0.85, 0.85), "blue": (0.1, 0.25, 1.0)}
 PATTERNS = ("stripes", "checks", "dots")
+# What a scene is, attribute by attribute: what the ground-truth classifier and the vision tower learn to name.
+ATTRIBUTES = {"shape": SHAPES, "context": tuple(CONTEXTS), "body": tuple(COLOURS), "mark": tuple(COLOURS),
+              "pattern": PATTERNS}
 APPEARANCES = tuple((body, mark, pattern) for body, mark in itertools.permutations(COLOURS, 2) for pattern in PATTERNS)
 # Every 10th appearance (9 of 90) is held out of pretraining: the evaluated concepts have these.
 HELDOUT_APPEARANCES = APPEARANCES[3::10]
@@ -40,6 +43,14 @@ class Scene:
     context: str
     centre: tuple[float, float]  # (x, y) pixels
     radius: float  # pixels
+
+
+def attribute_labels(scenes: list[Scene]) -> dict[str, np.ndarray]:
+    """Per attribute (``ATTRIBUTES``), each scene's value as an index: {name: (N,) int64}."""
+    values = {"shape": [s.shape for s in scenes], "context": [s.context for s in scenes],
+              "body": [s.appearance[0] for s in scenes], "mark": [s.appearance[1] for s in scenes],
+              "pattern": [s.appearance[2] for s in scenes]}
+    return {name: np.array([ATTRIBUTES[name].index(v) for v in column], np.int64) for name, column in values.items()}
 
 
 def random_scene(rng: np.random.Generator, appearances=APPEARANCES, shape: str | None = None,
