@@ -30,6 +30,9 @@ from training.toyworld.world import SIZE as WORLD_SIZE
 log = logging.getLogger(__name__)
 PROMPTS = Path(__file__).parent / "prompts.txt"
 REGULARIZATIONS = ("contrastive", "none")  # claim 3: the paper's Eq. 3 against no embedding regularization
+# The pretraining prompts, in the world's own words: training.pretrain's default templates (CLIP's ImageNet ones)
+# have words no world caption has ("close-up", "rendition"), whose embeddings are zeroed (models.forget_unused_words).
+TEMPLATES = ("a photo of {}", "a photo of a {}", "a picture of a {}", "a {}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,7 @@ def pretrain_config(plan: ExperimentPlan, regularization: str, shapes: WorldShap
                      "checkpoint_every": steps, "checkpoints_total_limit": 1, "log_every": 10,
                      "validation_every": steps, "sample_every": steps, "sample_images": 2, "sample_steps": 10,
                      "num_workers": 0, "embedding_regularization": regularization, "seed": 0,
+                     "templates": list(TEMPLATES),
                      "min_image_side": WORLD_SIZE},  # the world's images are all this small
     }
 

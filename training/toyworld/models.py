@@ -129,8 +129,8 @@ def train_vision_tower(tower: nn.Module, images: np.ndarray, scenes: list[world.
 
     Why trained: CLIP ViT-H-14 learnt from web captions that name colours and patterns, so its tokens tell
     appearances apart, though SD's own captions rarely name them; the world's captions never do. A random
-    tower keeps them poorly: a linear probe on its pooled tokens names the body colour of 61% of held-out
-    scenes, the pattern colour of 43% and the pattern of 38% (the trained tower: 85%, 85%, 80%)."""
+    tower keeps them poorly: a linear probe on its pooled tokens names the body colour of 45% of held-out
+    scenes, the pattern colour of 29% and the pattern of 37% (chance 17%, 17%, 33%); trained, 88%, 88%, 87%."""
     heads = nn.ModuleDict({name: nn.Linear(tower.ln_post.normalized_shape[0], len(values))
                            for name, values in world.ATTRIBUTES.items()})
 
