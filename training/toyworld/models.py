@@ -12,8 +12,9 @@ and ``training.evaluate`` read, through ``training.loading``):
 
 Training (``train_world_models``): the vision tower on naming every attribute of a scene; the VAE on
 reconstruction (MSE + a small KL, as SD's KL-f8 minus the GAN and perceptual terms), its latent scale set
-to 1/std of the latents (SD's ``scaling_factor``); then the text encoder and the UNet together on Eq. 1's eps-prediction loss at SD1.x's noise schedule, over
-captions of which a tenth are empty, so classifier-free guidance works. Two standard speed-ups make a few
+to 1/std of the latents (SD's ``scaling_factor``); then the text encoder and the UNet together on Eq. 1's
+eps-prediction loss at SD1.x's noise schedule, over captions of which a tenth are empty, so classifier-free
+guidance works. Two standard speed-ups make a few
 thousand CPU steps enough: Min-SNR-5 loss weighting (Hang et al., 2023) and an exponential moving average
 of the weights (diffusers' ``EMAModel``), which is what is saved. Last, ``forget_unused_words`` zeroes the
 embedding of every token no caption contains (module docstring of that function).
@@ -43,6 +44,7 @@ from datencoder_core import DATEncoderError, EncoderConfig
 from datencoder_core.reference import open_clip_tokens
 from training.models import ReferenceModels, sd15_alphas_cumprod
 from training.toyworld import world
+from training.toyworld.truth import Renders, fit_attributes
 
 log = logging.getLogger(__name__)
 SD15_TOKENIZER = Path(__file__).resolve().parents[1] / "configs" / "sd15" / "tokenizer"
@@ -88,14 +90,6 @@ class WorldBudget:
     seed: int = 0
 
 
-def render_dataset(count: int, seed: int, appearances=world.APPEARANCES) -> tuple[np.ndarray, list[world.Scene], list[str]]:
-    """``count`` random scenes: images (N, S, S, 3), the scenes and a caption each."""
-    rng = np.random.default_rng(seed)
-    scenes = [world.random_scene(rng, appearances) for _ in range(count)]
-    images = np.stack([world.render(scene, rng) for scene in scenes])
-    return images, scenes, [world.caption(scene, rng) for scene in scenes]
-
-
 def build_models(shapes: WorldShapes, seed: int) -> ReferenceModels:
     """Random-initialised world models."""
     torch.manual_seed(seed)
@@ -122,7 +116,7 @@ def build_models(shapes: WorldShapes, seed: int) -> ReferenceModels:
 
 
 def train_vision_tower(tower: nn.Module, images: np.ndarray, scenes: list[world.Scene], budget: WorldBudget,
-                       test: tuple[np.ndarray, list[world.Scene]]) -> dict[str, float]:
+                       test: Renders) -> dict[str, float]:
     """Train the world's CLIP image tower to name every attribute of a scene (``world.ATTRIBUTES``: shape,
     context, body colour, pattern colour, pattern), one linear head each on the mean of its final patch tokens
     (after ``ln_post``); the heads are then dropped. Returns the held-out accuracy per attribute on ``test``.
@@ -131,34 +125,22 @@ def train_vision_tower(tower: nn.Module, images: np.ndarray, scenes: list[world.
     appearances apart, though SD's own captions rarely name them; the world's captions never do. A random
     tower keeps them poorly: a linear probe on its pooled tokens names the body colour of 45% of held-out
     scenes, the pattern colour of 29% and the pattern of 37% (chance 17%, 17%, 33%); trained, 88%, 88%, 87%."""
-    heads = nn.ModuleDict({name: nn.Linear(tower.ln_post.normalized_shape[0], len(values))
-                           for name, values in world.ATTRIBUTES.items()})
+    return fit_attributes(_AttributeProbe(tower), (images, scenes), test, budget.vision_steps, 2 * budget.batch_size,
+                          budget.seed + 2, "world vision tower")
 
-    def logits(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = tower.ln_post(open_clip_tokens(tower, pixels)[:, 1:]).mean(1)
-        return {name: head(pooled) for name, head in heads.items()}
 
-    pixels = torch.from_numpy(images)
-    labels = {name: torch.from_numpy(column) for name, column in world.attribute_labels(scenes).items()}
-    parameters = [*tower.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, budget.vision_steps)
-    generator = torch.Generator().manual_seed(budget.seed + 2)
-    tower.train()
-    for _ in (bar := tqdm(range(budget.vision_steps), desc="world vision tower", unit="step")):
-        rows = torch.randint(len(pixels), (2 * budget.batch_size,), generator=generator)
-        predicted = logits(pixels[rows])
-        loss = sum(F.cross_entropy(predicted[name], labels[name][rows]) for name in heads)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    tower.eval()
-    with torch.no_grad():
-        predicted = logits(torch.from_numpy(test[0]))
-    return {name: float((predicted[name].argmax(-1) == torch.from_numpy(column)).float().mean())
-            for name, column in world.attribute_labels(test[1]).items()}
+class _AttributeProbe(nn.Module):
+    """An open_clip tower with a linear head per attribute on the mean of its final patch tokens (after ``ln_post``)."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+        self.heads = nn.ModuleDict({name: nn.Linear(tower.ln_post.normalized_shape[0], len(values))
+                                    for name, values in world.ATTRIBUTES.items()})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.tower.ln_post(open_clip_tokens(self.tower, images)[:, 1:]).mean(1)
+        return {name: head(pooled) for name, head in self.heads.items()}
 
 
 def train_vae(vae: AutoencoderKL, images: np.ndarray, budget: WorldBudget) -> None:
@@ -245,9 +227,9 @@ def train_world_models(folder: Path, shapes: WorldShapes, budget: WorldBudget) -
     """Build, train and write the world's models into ``folder`` (``sd/`` and ``clip_vision.safetensors``);
     returns the vision tower's held-out accuracy per attribute."""
     models = build_models(shapes, budget.seed)
-    images, scenes, captions = render_dataset(budget.images, budget.seed)
+    images, scenes, captions = world.render_dataset(budget.images, budget.seed)
     vision_accuracy = train_vision_tower(models.vision_tower, images, scenes, budget,
-                                         render_dataset(1000, budget.seed + 9)[:2])
+                                         world.render_dataset(1000, budget.seed + 9)[:2])
     train_vae(models.vae, images, budget)
     train_text_to_image(models, images, captions, budget)
     forget_unused_words(models.text_encoder, models.tokenizer)

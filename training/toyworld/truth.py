@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -60,34 +62,47 @@ def _degrade(images: Tensor, generator: torch.Generator) -> Tensor:
     return ((1 - weight) * pixels + weight * blurred + noise).clamp(0, 1).permute(0, 2, 3, 1)
 
 
-def train_truth(path: Path, steps: int, seed: int, batch_size: int = 64) -> dict[str, float]:
-    """Train ``AttributeNet`` on fresh renders and save it to ``path``; returns its held-out accuracy per head
-    (also written into the file's metadata)."""
-    from training.toyworld.models import render_dataset
+Renders = tuple[np.ndarray, list[world.Scene]]  # images (N, S, S, 3) in [0, 1] and their scenes
 
-    torch.manual_seed(seed)
-    net = AttributeNet()
-    images, scenes, _ = render_dataset(steps * batch_size // 4, seed + 7)  # each image seen about 4 times
-    test_images, test_scenes, _ = render_dataset(1000, seed + 8)
-    pixels = torch.from_numpy(images)
-    labels = {k: torch.from_numpy(v) for k, v in world.attribute_labels(scenes).items()}
-    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+
+def fit_attributes(model: nn.Module, data: Renders, test: Renders, steps: int, batch_size: int, seed: int,
+                   description: str,
+                   transform: Callable[[Tensor, torch.Generator], Tensor] | None = None) -> dict[str, float]:
+    """Train ``model`` (images (B, S, S, 3) in [0, 1] -> logits per ``world.ATTRIBUTES``) on the summed
+    cross-entropy of every attribute of ``data``'s scenes (AdamW, lr 3e-3, cosine decay over ``steps``), with
+    ``transform`` applied to every training and test batch; leaves it in eval mode and returns its accuracy per
+    attribute on ``test``."""
+    transform = transform or (lambda images, _generator: images)
+    pixels = torch.from_numpy(data[0])
+    labels = {name: torch.from_numpy(column) for name, column in world.attribute_labels(data[1]).items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
-    for _ in (bar := tqdm(range(steps), desc="ground-truth classifier", unit="step")):
+    model.train()
+    for _ in (bar := tqdm(range(steps), desc=description, unit="step")):
         rows = torch.randint(len(pixels), (batch_size,), generator=generator)
-        logits = net(_degrade(pixels[rows], generator))
-        loss = sum(F.cross_entropy(logits[k], labels[k][rows]) for k in world.ATTRIBUTES)
+        logits = model(transform(pixels[rows], generator))
+        loss = sum(F.cross_entropy(logits[name], labels[name][rows]) for name in world.ATTRIBUTES)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    net.eval()
+    model.eval()
     with torch.no_grad():
-        logits = net(_degrade(torch.from_numpy(test_images), generator))
-    accuracy = {k: float((logits[k].argmax(-1) == torch.from_numpy(v)).float().mean())
-                for k, v in world.attribute_labels(test_scenes).items()}
+        logits = model(transform(torch.from_numpy(test[0]), generator))
+    return {name: float((logits[name].argmax(-1) == torch.from_numpy(column)).float().mean())
+            for name, column in world.attribute_labels(test[1]).items()}
+
+
+def train_truth(path: Path, steps: int, seed: int, batch_size: int = 64) -> dict[str, float]:
+    """Train ``AttributeNet`` on fresh renders, blurred and noised (``_degrade``), and save it to ``path``; returns
+    its held-out accuracy per head (also written into the file's metadata)."""
+    torch.manual_seed(seed)
+    net = AttributeNet()
+    data = world.render_dataset(steps * batch_size // 4, seed + 7)[:2]  # each image seen about 4 times
+    test = world.render_dataset(1000, seed + 8)[:2]
+    accuracy = fit_attributes(net, data, test, steps, batch_size, seed, "ground-truth classifier", _degrade)
     save_file(net.state_dict(), path, metadata={"accuracy": json.dumps(accuracy)})
     log.info("ground-truth classifier: held-out accuracy %s", accuracy)
     return accuracy

@@ -62,6 +62,14 @@ def random_scene(rng: np.random.Generator, appearances=APPEARANCES, shape: str |
                  (float(rng.uniform(13, SIZE - 13)), float(rng.uniform(13, SIZE - 13))), float(rng.uniform(9, 11.5)))
 
 
+def render_dataset(count: int, seed: int, appearances=APPEARANCES) -> tuple[np.ndarray, list[Scene], list[str]]:
+    """``count`` random scenes: images (N, SIZE, SIZE, 3), the scenes and a caption each."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng, appearances) for _ in range(count)]
+    images = np.stack([render(scene, rng) for scene in scenes])
+    return images, scenes, [caption(scene, rng) for scene in scenes]
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption naming the shape and (usually) the context, never the appearance."""
     u = rng.uniform()
