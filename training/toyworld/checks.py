@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,3 @@ def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int =
             shape_p.append(float(p["shape"][:, world.ATTRIBUTES["shape"].index(shape)].mean()))
             context_p.append(float(p["context"][:, world.ATTRIBUTES["context"].index(context)].mean()))
     return identity | {"prompt_shape": float(np.mean(shape_p)), "prompt_context": float(np.mean(context_p))}
-
-
-def format_checks(checks: dict[str, float]) -> str:
-    return json.dumps({k: round(v, 3) for k, v in checks.items()})

@@ -14,10 +14,10 @@ Training (``train_world_models``): the vision tower on naming every attribute of
 reconstruction (MSE + a small KL, as SD's KL-f8 minus the GAN and perceptual terms), its latent scale set
 to 1/std of the latents (SD's ``scaling_factor``); then the text encoder and the UNet together on Eq. 1's
 eps-prediction loss at SD1.x's noise schedule, over captions of which a tenth are empty, so classifier-free
-guidance works. Two standard speed-ups make a few
-thousand CPU steps enough: Min-SNR-5 loss weighting (Hang et al., 2023) and an exponential moving average
-of the weights (diffusers' ``EMAModel``), which is what is saved. Last, ``forget_unused_words`` zeroes the
-embedding of every token no caption contains (module docstring of that function).
+guidance works. Two standard speed-ups make a few thousand CPU steps enough: Min-SNR-5 loss weighting (Hang
+et al., 2023) and an exponential moving average of the weights (diffusers' ``EMAModel``), which is what is
+saved. Last, ``forget_unused_words`` zeroes the embedding of every token no caption contains (module
+docstring of that function).
 """
 
 from __future__ import annotations
@@ -115,8 +115,7 @@ def build_models(shapes: WorldShapes, seed: int) -> ReferenceModels:
                            shapes.encoder_config())
 
 
-def train_vision_tower(tower: nn.Module, images: np.ndarray, scenes: list[world.Scene], budget: WorldBudget,
-                       test: Renders) -> dict[str, float]:
+def train_vision_tower(tower: nn.Module, data: Renders, test: Renders, budget: WorldBudget) -> dict[str, float]:
     """Train the world's CLIP image tower to name every attribute of a scene (``world.ATTRIBUTES``: shape,
     context, body colour, pattern colour, pattern), one linear head each on the mean of its final patch tokens
     (after ``ln_post``); the heads are then dropped. Returns the held-out accuracy per attribute on ``test``.
@@ -125,7 +124,7 @@ def train_vision_tower(tower: nn.Module, images: np.ndarray, scenes: list[world.
     appearances apart, though SD's own captions rarely name them; the world's captions never do. A random
     tower keeps them poorly: a linear probe on its pooled tokens names the body colour of 45% of held-out
     scenes, the pattern colour of 29% and the pattern of 37% (chance 17%, 17%, 33%); trained, 88%, 88%, 87%."""
-    return fit_attributes(_AttributeProbe(tower), (images, scenes), test, budget.vision_steps, 2 * budget.batch_size,
+    return fit_attributes(_AttributeProbe(tower), data, test, budget.vision_steps, 2 * budget.batch_size,
                           budget.seed + 2, "world vision tower")
 
 
@@ -228,8 +227,8 @@ def train_world_models(folder: Path, shapes: WorldShapes, budget: WorldBudget) -
     returns the vision tower's held-out accuracy per attribute."""
     models = build_models(shapes, budget.seed)
     images, scenes, captions = world.render_dataset(budget.images, budget.seed)
-    vision_accuracy = train_vision_tower(models.vision_tower, images, scenes, budget,
-                                         world.render_dataset(1000, budget.seed + 9)[:2])
+    vision_accuracy = train_vision_tower(models.vision_tower, (images, scenes),
+                                         world.render_dataset(1000, budget.seed + 9)[:2], budget)
     train_vae(models.vae, images, budget)
     train_text_to_image(models, images, captions, budget)
     forget_unused_words(models.text_encoder, models.tokenizer)

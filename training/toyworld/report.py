@@ -11,7 +11,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from training.report import atomic_write_text
-from training.toyworld.checks import format_checks
 from training.toyworld.claims import Claim, Results
 from training.toyworld.truth import METRICS
 
@@ -129,7 +128,7 @@ Held-out accuracy per attribute of the ground-truth classifier on fresh degraded
 {_rounded(build['truth_accuracy'])}; of the world's vision tower (a linear head each on its pooled tokens,
 `models.train_vision_tower`): {_rounded(build['vision_accuracy'])}.
 
-What the world's own models do, before any encoder (`checks.py`): {format_checks(build['checks'])}. The
+What the world's own models do, before any encoder (`checks.py`): {_rounded(build['checks'])}. The
 identity of the concept photos and of their VAE reconstructions, and the probability of the prompted shape
 and context on the base UNet's generations of "a photo of a {{shape}} {{context}}".
 
