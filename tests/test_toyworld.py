@@ -5,6 +5,7 @@ only what holds with margins the seeds' noise cannot reach. The full world's cla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from datencoder_core import DATEncoderError
+from datencoder_core.config import TuningConfig
+from datencoder_core.tuning import add_noise
 from training.toyworld import world
 from training.toyworld.__main__ import main as toyworld_main
 from training.concepts import load_photo
@@ -43,6 +46,37 @@ def test_the_world_vision_tower_tells_appearances_apart(reduced_run):
     chance."""
     accuracy = json.loads((reduced_run[1] / "build.json").read_text())["vision_accuracy"]
     assert accuracy["body"] > 0.4 and accuracy["mark"] > 0.4 and accuracy["pattern"] > 0.5, accuracy
+
+
+@pytest.mark.parametrize("trunk_channels", [None, 32])
+def test_the_world_encoders_pooled_feature_keeps_appearance(reduced_run, trunk_channels):
+    """At the world's shapes a random encoder's pooled feature h (what both heads read) still names a held-out
+    scene's body colour (chance 1/6) by a linear probe; with one channel per GroupNorm group (trunk 32, the
+    broken width) the global mean cancels it and the probe sits near chance."""
+    world_dir = reduced_run[1]
+    models = load_world_models(world_dir / "sd", world_dir / "clip_vision.safetensors")
+    if trunk_channels is not None:
+        models = dataclasses.replace(models, encoder_config=dataclasses.replace(models.encoder_config,
+                                                                                trunk_channels=trunk_channels))
+    backend, encoder = models.backend(), models.random_encoder(seed=0)
+    images, scenes, _ = world.render_dataset(1200, seed=5)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        pixels = torch.from_numpy(images)
+        latents = backend.encode_latents(pixels)
+        timesteps = torch.full((len(pixels),), TuningConfig().encoder_timestep)  # as at personalization
+        noisy = add_noise(latents, torch.randn(latents.shape, generator=generator), timesteps, backend.alphas_cumprod)
+        features = encoder.features(*backend.image_features(pixels, noisy, timesteps))
+    features = (features - features[:1000].mean(0)) / (features[:1000].std(0) + 1e-6)
+    body = torch.from_numpy(world.attribute_labels(scenes)["body"])
+    probe = torch.nn.Linear(features.shape[1], len(world.COLOURS))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe(features[:1000]), body[:1000]).backward()
+        optimizer.step()
+    accuracy = float((probe(features[1000:]).argmax(-1) == body[1000:]).float().mean())
+    assert (accuracy > 0.5) if trunk_channels is None else (accuracy < 0.35), accuracy
 
 
 @pytest.mark.parametrize("trained", [True, False])

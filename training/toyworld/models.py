@@ -71,9 +71,13 @@ class WorldShapes:
                                                              "image_size": self.image_size}}
 
     def encoder_config(self) -> EncoderConfig:
-        """Encoder shapes for these models (the tiny preset's trunk)."""
+        """Encoder shapes for these models. The trunk keeps several channels in each of its 32 GroupNorm groups
+        (4; SD1.5's default trunk has 16): with one channel per group the norm is per channel, and the global mean
+        after it cancels each channel's level over the image, which is what a colour is. At 32 channels a random
+        encoder's pooled feature names a scene's body colour no better than chance; at 128, as well as its CLIP
+        input does (tests/test_toyworld.py)."""
         return EncoderConfig(clip_dim=self.vision_width, unet_dim=self.unet_channels[-1], token_dim=self.text_width,
-                             trunk_channels=32, trunk_blocks=1, feature_dim=64, hyper_bottleneck=16)
+                             trunk_channels=128, trunk_blocks=1, feature_dim=64, hyper_bottleneck=16)
 
 
 @dataclass(frozen=True)
