@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save_file
 
 from datencoder_core import DATEncoderError
@@ -22,7 +23,7 @@ from training.concepts import load_photo
 from training.toyworld.build import REDUCED
 from datencoder_core.vocab import nearest_tokens
 from training.toyworld.models import WorldShapes, build_models, forget_unused_words, load_world_models, world_token_ids
-from training.toyworld.truth import AttributeNet, WorldTruth
+from training.toyworld.truth import AttributeNet, WorldTruth, fit_attributes
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,16 @@ def test_the_world_vision_tower_tells_appearances_apart(reduced_run):
     assert accuracy["body"] > 0.4 and accuracy["mark"] > 0.4 and accuracy["pattern"] > 0.5, accuracy
 
 
+class _LinearHeads(nn.ModuleDict):
+    """A linear probe per attribute (``world.ATTRIBUTES``) on a feature vector."""
+
+    def __init__(self, width: int):
+        super().__init__({name: nn.Linear(width, len(values)) for name, values in world.ATTRIBUTES.items()})
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(features) for name, head in self.items()}
+
+
 @pytest.mark.parametrize("trunk_channels", [None, 32])
 def test_the_world_encoders_pooled_feature_keeps_appearance(reduced_run, trunk_channels):
     """At the world's shapes a random encoder's pooled feature h (what both heads read) still names a held-out
@@ -67,15 +78,10 @@ def test_the_world_encoders_pooled_feature_keeps_appearance(reduced_run, trunk_c
         timesteps = torch.full((len(pixels),), TuningConfig().encoder_timestep)  # as at personalization
         noisy = add_noise(latents, torch.randn(latents.shape, generator=generator), timesteps, backend.alphas_cumprod)
         features = encoder.features(*backend.image_features(pixels, noisy, timesteps))
-    features = (features - features[:1000].mean(0)) / (features[:1000].std(0) + 1e-6)
-    body = torch.from_numpy(world.attribute_labels(scenes)["body"])
-    probe = torch.nn.Linear(features.shape[1], len(world.COLOURS))
-    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
-    for _ in range(300):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(probe(features[:1000]), body[:1000]).backward()
-        optimizer.step()
-    accuracy = float((probe(features[1000:]).argmax(-1) == body[1000:]).float().mean())
+    features = ((features - features[:1000].mean(0)) / (features[:1000].std(0) + 1e-6)).numpy()
+    accuracy = fit_attributes(_LinearHeads(features.shape[1]), (features[:1000], scenes[:1000]),
+                              (features[1000:], scenes[1000:]), steps=300, batch_size=100, seed=0,
+                              description="linear probe on h")["body"]
     assert (accuracy > 0.5) if trunk_channels is None else (accuracy < 0.35), accuracy
 
 
