@@ -145,9 +145,27 @@ def test_truth_refuses_a_concept_that_is_not_from_the_world(reduced_run, tmp_pat
             p.name for p in (reduced_run[1] / "concepts").iterdir())[0], "a photo of a dog")
 
 
+def test_captions_name_appearance_parts_but_never_a_held_out_appearance():
+    """No caption of a held-out appearance has a colour or pattern word (a concept's appearance reaches the method
+    only through its photo); the others name the scene's own body colour, and its own pattern colour and pattern,
+    each in about half of the non-empty captions."""
+    rng = np.random.default_rng(0)
+    scenes = [world.random_scene(rng) for _ in range(3000)]
+    captions = [(scene, world.caption(scene, rng)) for scene in scenes]
+    appearance_words = set(world.COLOURS) | set(world.PATTERNS)
+    held_out = [text for scene, text in captions if scene.appearance in world.HELDOUT_APPEARANCES]
+    assert len(held_out) > 200 and not any(appearance_words & set(text.split()) for text in held_out)
+    named = [(scene, text) for scene, text in captions if text and scene.appearance not in world.HELDOUT_APPEARANCES]
+    body = [f" {scene.appearance[0]} {scene.shape}" in f" {text}" for scene, text in named]
+    marks = [f"{scene.shape} with {scene.appearance[1]} {scene.appearance[2]}" in text for scene, text in named]
+    assert 0.45 < np.mean(body) < 0.55 and 0.45 < np.mean(marks) < 0.55, (np.mean(body), np.mean(marks))
+    colour_words = [len(set(world.COLOURS) & set(text.split())) for _, text in named]
+    assert colour_words == [b + m for b, m in zip(body, marks)]  # no colour but the scene's own
+
+
 @pytest.mark.parametrize("forget", [True, False])
 def test_the_nearest_word_of_any_v_star_is_a_world_word_and_captions_encode_as_before(forget):
-    """With the unused rows zeroed, the nearest token of random v* is one of the world's 20 tokens, and every
+    """With the unused rows zeroed, the nearest token of random v* is one of the world's 30 tokens, and every
     caption's encoding is unchanged; without (the broken world) the search lands on untrained words."""
     models = build_models(WorldShapes(), seed=0)
     ids = models.tokenizer(["a photo of a star on the beach", "a circle", ""], padding="max_length", max_length=77,

@@ -32,7 +32,7 @@ from training.toyworld.models import WorldBudget, WorldShapes, train_world_model
 from training.toyworld.truth import train_truth
 
 log = logging.getLogger(__name__)
-VERSION = 3  # bump when the world or its training changes, so caches rebuild
+VERSION = 4  # bump when the world or its training changes, so caches rebuild
 DEFAULT_CACHE = Path.home() / ".cache" / "datencoder"
 
 

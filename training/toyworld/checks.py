@@ -7,11 +7,16 @@
   through the world VAE (encode, decode): how much appearance the latent space keeps;
 * ``prompt_shape`` / ``prompt_context``: the probability of the prompted shape and context on the world
   UNet's own generations of "a photo of a {shape} {context}" (every shape x context, DDIM, guidance 4):
-  whether the base model follows its prompts.
+  whether the base model follows its prompts;
+* ``prompt_identity``: ``truth_identity`` of its generations of each concept described in words ("a photo
+  of a red circle with blue dots {context}", every context): no caption ever described these appearances,
+  so this is how far the base model composes the colour and pattern words it learnt apart, the ceiling a
+  v* that lands on those words could reach.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +32,7 @@ from training.toyworld.truth import WorldTruth
 
 @torch.no_grad()
 def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int = 20) -> dict[str, float]:
-    """The module docstring's four numbers for the world in ``folder`` (its ``sd/``, ``truth.safetensors``
+    """The module docstring's five numbers for the world in ``folder`` (its ``sd/``, ``truth.safetensors``
     and ``concepts/``)."""
     models = load_world_models(folder / "sd", folder / "clip_vision.safetensors")
     backend, truth = models.backend(LoRAConfig()), WorldTruth(folder / "truth.safetensors")
@@ -43,14 +48,26 @@ def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int =
     # alpha 0 is the untouched model with the hard prompt: "a photo of a {shape} {context}", no LoRA.
     no_lora = LoRAFactors({s.name: torch.zeros(1, s.in_features) for s in backend.sites},
                           {s.name: torch.zeros(s.out_features, 1) for s in backend.sites}, 1.0)
+    def shape_word(shape: str) -> ConceptPrediction:
+        token = backend.tokenizer(shape, add_special_tokens=False).input_ids[0]
+        return ConceptPrediction(backend.token_embeddings[token].float(), no_lora, token)
+
+    def sample(word: ConceptPrediction, text: str) -> torch.Tensor:
+        return generate(backend, word, text, list(range(images_per_prompt)), alpha=0.0, steps=sampling_steps,
+                        guidance=4.0)
+
     shape_p, context_p = [], []
     for shape in world.SHAPES:
-        token = backend.tokenizer(shape, add_special_tokens=False).input_ids[0]
-        word = ConceptPrediction(backend.token_embeddings[token].float(), no_lora, token)
         for context, phrase in world.CONTEXTS.items():
-            images = generate(backend, word, "a photo of a {} " + phrase, list(range(images_per_prompt)), alpha=0.0,
-                              steps=sampling_steps, guidance=4.0)
-            p = truth.probabilities(images)
+            p = truth.probabilities(sample(shape_word(shape), "a photo of a {} " + phrase))
             shape_p.append(float(p["shape"][:, world.ATTRIBUTES["shape"].index(shape)].mean()))
             context_p.append(float(p["context"][:, world.ATTRIBUTES["context"].index(context)].mean()))
-    return identity | {"prompt_shape": float(np.mean(shape_p)), "prompt_context": float(np.mean(context_p))}
+    described = []
+    for concept in concepts:
+        meta = json.loads((concept / "concept.json").read_text())
+        body, mark, pattern = meta["appearance"]
+        for phrase in world.CONTEXTS.values():
+            text = f"a photo of a {world.object_phrase('{}', body, (mark, pattern))} {phrase}"
+            described.append(truth.score(sample(shape_word(meta["class"]), text), concept, text)["truth_identity"])
+    return identity | {"prompt_shape": float(np.mean(shape_p)), "prompt_context": float(np.mean(context_p)),
+                       "prompt_identity": float(np.mean(described))}

@@ -125,7 +125,7 @@ def train_vision_tower(tower: nn.Module, data: Renders, test: Renders, budget: W
     (after ``ln_post``); the heads are then dropped. Returns the held-out accuracy per attribute on ``test``.
 
     Why trained: CLIP ViT-H-14 learnt from web captions that name colours and patterns, so its tokens tell
-    appearances apart, though SD's own captions rarely name them; the world's captions never do. A random
+    appearances apart; the world's captions name them only some of the time, and never a concept's. A random
     tower keeps them poorly: a linear probe on its pooled tokens names the body colour of 45% of held-out
     scenes, the pattern colour of 29% and the pattern of 37% (chance 17%, 17%, 33%); trained, 88%, 88%, 87%."""
     return fit_attributes(_AttributeProbe(tower), data, test, budget.vision_steps, 2 * budget.batch_size,
@@ -205,10 +205,7 @@ def train_text_to_image(models: ReferenceModels, images: np.ndarray, captions: l
 
 def world_token_ids(tokenizer: CLIPTokenizer) -> list[int]:
     """The ids of every token a world caption can contain, start and end of text included."""
-    captions = [t.format(shape=s, context=c) for t in world.CAPTION_TEMPLATES for s in world.SHAPES
-                for c in world.CONTEXTS.values()]
-    captions += [t.format(shape=s) for t in world.NO_CONTEXT_TEMPLATES for s in world.SHAPES]
-    return sorted({i for ids in tokenizer(captions).input_ids for i in ids})
+    return sorted(set(tokenizer(" ".join(world.caption_words())).input_ids))
 
 
 @torch.no_grad()
@@ -216,7 +213,7 @@ def forget_unused_words(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -
     """Zero the token embedding of every word the world's captions never use.
 
     SD1.5's text encoder was trained on every token of its vocabulary, so the nearest token of a v* (Eq. 3's
-    positives, Eq. 5's hard path) is always a word with a meaning. The world's captions use 18 words; the
+    positives, Eq. 5's hard path) is always a word with a meaning. The world's captions use 28 words; the
     other 49,000 rows are random initialisations that no caption ever trained, and a v* would land on one of them
     (a nonsense word in the hard path). Zeroed rows have cosine 0 to every v*, so the search lands on a world
     word wherever any has a positive cosine. No caption contains them, so no caption's encoding changes."""

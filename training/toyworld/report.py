@@ -129,8 +129,10 @@ Held-out accuracy per attribute of the ground-truth classifier on fresh degraded
 `models.train_vision_tower`): {_rounded(build['vision_accuracy'])}.
 
 What the world's own models do, before any encoder (`checks.py`): {_rounded(build['checks'])}. The
-identity of the concept photos and of their VAE reconstructions, and the probability of the prompted shape
-and context on the base UNet's generations of "a photo of a {{shape}} {{context}}".
+identity of the concept photos and of their VAE reconstructions; the probability of the prompted shape
+and context on the base UNet's generations of "a photo of a {{shape}} {{context}}"; the identity of its
+generations of each concept described in words, which no caption ever did ("a photo of a red circle with
+blue dots {{context}}").
 
 ![trade-off](tradeoff_truth.png)
 

@@ -4,11 +4,14 @@ An image (``SIZE`` px, RGB in [0, 1]) is drawn from a ``Scene``:
 * ``shape`` (``SHAPES``, each one token of SD1.x's CLIP vocabulary): the object's outline, at a random
   centre and radius (position and scale vary);
 * ``appearance`` = (body colour, pattern colour, pattern) from ``COLOURS`` x ``COLOURS`` x ``PATTERNS``,
-  the two colours different: what no caption ever names, so only an image can convey it;
+  the two colours different;
 * ``context`` (``CONTEXTS``): the background, named in captions ("in the snow", "at night").
 
-A concept is one shape with one appearance; ``HELDOUT_APPEARANCES`` are never in the encoder's
-pretraining data (the world's base models see every appearance, as SD1.5 has seen most things).
+Captions name the shape and usually the context; they name an appearance's parts as web captions do, some
+of the time ("a red circle", "a circle with blue dots"), so the world's text pathway knows colour and
+pattern words as SD1.5's does. A concept is one shape with one of the ``HELDOUT_APPEARANCES``: those are in
+no caption and in none of the encoder's pretraining images (the world's base models see their images, as
+SD1.5 has seen most things), so the concept's appearance as a whole reaches the method only through its photo.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import numpy as np
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 CONTEXTS = {"snow": "in the snow", "grass": "on the grass", "beach": "on the beach", "night": "at night"}
+# Colour and pattern names are each one token of SD1.x's CLIP vocabulary, as the shapes' are.
 COLOURS = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (1.0, 0.9, 0.1),
-           "purple": (0.55, 0.15, 0.8), "cyan": (0.0, 0.85, 0.85), "blue": (0.1, 0.25, 1.0)}
+           "purple": (0.55, 0.15, 0.8), "turquoise": (0.0, 0.85, 0.85), "blue": (0.1, 0.25, 1.0)}
 PATTERNS = ("stripes", "checks", "dots")
 # What a scene is, attribute by attribute: what the ground-truth classifier and the vision tower learn to name.
 ATTRIBUTES = {"shape": SHAPES, "context": tuple(CONTEXTS), "body": tuple(COLOURS), "mark": tuple(COLOURS),
@@ -30,10 +34,11 @@ ATTRIBUTES = {"shape": SHAPES, "context": tuple(CONTEXTS), "body": tuple(COLOURS
 APPEARANCES = tuple((body, mark, pattern) for body, mark in itertools.permutations(COLOURS, 2) for pattern in PATTERNS)
 # Every 10th appearance (9 of 90) is held out of pretraining: the evaluated concepts have these.
 HELDOUT_APPEARANCES = APPEARANCES[3::10]
-# The captions the base models learn (the object word, then the context phrase); a tenth are empty
+# The captions the base models learn (the object phrase, then the context phrase); a tenth are empty
 # (classifier-free guidance) and a fifth name no context (the tuning prompt "a photo of {}" has none).
-CAPTION_TEMPLATES = ("a photo of a {shape} {context}", "a {shape} {context}", "a picture of a {shape} {context}")
-NO_CONTEXT_TEMPLATES = ("a photo of a {shape}", "a {shape}")
+CAPTION_TEMPLATES = ("a photo of a {object} {context}", "a {object} {context}", "a picture of a {object} {context}")
+NO_CONTEXT_TEMPLATES = ("a photo of a {object}", "a {object}")
+PART_NAMED = 0.5  # how often a caption names the body colour, and (independently) the pattern colour and pattern
 
 
 @dataclass(frozen=True)
@@ -70,15 +75,32 @@ def render_dataset(count: int, seed: int, appearances=APPEARANCES) -> tuple[np.n
     return images, scenes, [caption(scene, rng) for scene in scenes]
 
 
+def object_phrase(shape: str, body: str | None = None, marks: tuple[str, str] | None = None) -> str:
+    """"circle", "red circle", "circle with blue dots", "red circle with blue dots" (``marks`` = (colour, pattern))."""
+    return " ".join([*([body] if body else []), shape, *(["with", *marks] if marks else [])])
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming the shape and (usually) the context, never the appearance."""
+    """A caption naming the shape, (usually) the context and, unless the appearance is held out, each part of it
+    with probability ``PART_NAMED``."""
     u = rng.uniform()
     if u < 0.1:
         return ""
+    body, mark, pattern = scene.appearance
+    nameable = scene.appearance not in HELDOUT_APPEARANCES
+    named_body, named_marks = (nameable and rng.uniform() < PART_NAMED for _ in range(2))
+    phrase = object_phrase(scene.shape, body if named_body else None, (mark, pattern) if named_marks else None)
     if u < 0.3:
-        return NO_CONTEXT_TEMPLATES[rng.integers(len(NO_CONTEXT_TEMPLATES))].format(shape=scene.shape)
+        return NO_CONTEXT_TEMPLATES[rng.integers(len(NO_CONTEXT_TEMPLATES))].format(object=phrase)
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    return template.format(shape=scene.shape, context=CONTEXTS[scene.context])
+    return template.format(object=phrase, context=CONTEXTS[scene.context])
+
+
+def caption_words() -> list[str]:
+    """Every word a caption can contain."""
+    templates = " ".join(CAPTION_TEMPLATES + NO_CONTEXT_TEMPLATES).replace("{object}", "").replace("{context}", "")
+    words = [*templates.split(), *" ".join(CONTEXTS.values()).split(), *SHAPES, *COLOURS, *PATTERNS, "with"]
+    return sorted(set(words))
 
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
