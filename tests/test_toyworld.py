@@ -155,6 +155,7 @@ def test_captions_name_appearance_parts_but_never_a_held_out_appearance():
     appearance_words = set(world.COLOURS) | set(world.PATTERNS)
     held_out = [text for scene, text in captions if scene.appearance in world.HELDOUT_APPEARANCES]
     assert len(held_out) > 200 and not any(appearance_words & set(text.split()) for text in held_out)
+    assert all(scene.shape in text for scene, text in captions if text)
     named = [(scene, text) for scene, text in captions if text and scene.appearance not in world.HELDOUT_APPEARANCES]
     body = [f" {scene.appearance[0]} {scene.shape}" in f" {text}" for scene, text in named]
     marks = [f"{scene.shape} with {scene.appearance[1]} {scene.appearance[2]}" in text for scene, text in named]
@@ -168,8 +169,8 @@ def test_the_nearest_word_of_any_v_star_is_a_world_word_and_captions_encode_as_b
     """With the unused rows zeroed, the nearest token of random v* is one of the world's 30 tokens, and every
     caption's encoding is unchanged; without (the broken world) the search lands on untrained words."""
     models = build_models(WorldShapes(), seed=0)
-    ids = models.tokenizer(["a photo of a star on the beach", "a circle", ""], padding="max_length", max_length=77,
-                           return_tensors="pt").input_ids
+    ids = models.tokenizer(["a photo of a star on the beach", "a red circle with blue dots at night", "a circle", ""],
+                           padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         before = models.text_encoder(ids).last_hidden_state
         if forget:

@@ -10,8 +10,7 @@
   whether the base model follows its prompts;
 * ``prompt_identity``: ``truth_identity`` of its generations of each concept described in words ("a photo
   of a red circle with blue dots {context}", every context): no caption ever described these appearances,
-  so this is how far the base model composes the colour and pattern words it learnt apart, the ceiling a
-  v* that lands on those words could reach.
+  so this is how far the base model composes the colour and pattern words it learnt apart.
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int =
     # alpha 0 is the untouched model with the hard prompt: "a photo of a {shape} {context}", no LoRA.
     no_lora = LoRAFactors({s.name: torch.zeros(1, s.in_features) for s in backend.sites},
                           {s.name: torch.zeros(s.out_features, 1) for s in backend.sites}, 1.0)
+
     def shape_word(shape: str) -> ConceptPrediction:
         token = backend.tokenizer(shape, add_special_tokens=False).input_ids[0]
         return ConceptPrediction(backend.token_embeddings[token].float(), no_lora, token)

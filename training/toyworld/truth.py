@@ -6,7 +6,8 @@ colour, the pattern colour and the pattern. It is trained on freshly rendered sc
 generated image of a concept and a prompt (``WorldTruth.score``, mean over the images):
 
 * ``truth_identity``: the mean of the probabilities it gives the concept's body colour, pattern colour and
-  pattern (the object's appearance, which no caption names for a held-out concept; chance is (1/6 + 1/6 + 1/3) / 3 = 0.22);
+  pattern (the object's appearance, which no caption names for a held-out concept; chance is
+  (1/6 + 1/6 + 1/3) / 3 = 0.22);
 * ``truth_editability``: the probability of the prompt's context (chance 0.25);
 * ``truth_shape``: the probability of the concept's shape (its class word; chance 1/6).
 

@@ -88,7 +88,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         return ""
     body, mark, pattern = scene.appearance
     nameable = scene.appearance not in HELDOUT_APPEARANCES
-    named_body, named_marks = (nameable and rng.uniform() < PART_NAMED for _ in range(2))
+    named_body = nameable and rng.uniform() < PART_NAMED
+    named_marks = nameable and rng.uniform() < PART_NAMED
     phrase = object_phrase(scene.shape, body if named_body else None, (mark, pattern) if named_marks else None)
     if u < 0.3:
         return NO_CONTEXT_TEMPLATES[rng.integers(len(NO_CONTEXT_TEMPLATES))].format(object=phrase)
