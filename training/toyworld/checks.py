@@ -58,8 +58,9 @@ def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int =
 
     shape_p, context_p = [], []
     for shape in world.SHAPES:
+        word = shape_word(shape)
         for context, phrase in world.CONTEXTS.items():
-            p = truth.probabilities(sample(shape_word(shape), "a photo of a {} " + phrase))
+            p = truth.probabilities(sample(word, "a photo of a {} " + phrase))
             shape_p.append(float(p["shape"][:, world.ATTRIBUTES["shape"].index(shape)].mean()))
             context_p.append(float(p["context"][:, world.ATTRIBUTES["context"].index(context)].mean()))
     described = []

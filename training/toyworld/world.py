@@ -98,10 +98,12 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def caption_words() -> list[str]:
-    """Every word a caption can contain."""
-    templates = " ".join(CAPTION_TEMPLATES + NO_CONTEXT_TEMPLATES).replace("{object}", "").replace("{context}", "")
-    words = [*templates.split(), *" ".join(CONTEXTS.values()).split(), *SHAPES, *COLOURS, *PATTERNS, "with"]
-    return sorted(set(words))
+    """Every word a caption can contain: the templates filled with every object phrase and context phrase."""
+    objects = " ".join(object_phrase(shape, body, (mark, pattern)) for shape in SHAPES
+                       for body, mark, pattern in APPEARANCES)
+    contexts = " ".join(CONTEXTS.values())
+    text = " ".join(CAPTION_TEMPLATES + NO_CONTEXT_TEMPLATES).format(object=objects, context=contexts)
+    return sorted(set(text.split()))
 
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
