@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from skimage import data
 
-from training.comfy_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
+from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
                                    random_comfy_clip_vision)
-from training.comfyui import import_comfyui, pack_module
-from training.measure import LiveTensorBytes, Measure
-from training.models import build_random_models
+from training.headless.comfyui import import_comfyui, pack_module
+from benchmarks.measure import LiveTensorBytes, Measure
+from training.models.reference import build_random_models
 
 def comfy_stack(shapes: str):
     """ComfyUI MODEL, CLIP, VAE, CLIP_VISION and DATENCODER at ``shapes``, created under inference mode as

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training import data, streams
+from training.data import sources, streams
 from training.make_shards import make_shards
-from training.pretrain_config import resolve_config
+from training.pretrain.config import resolve_config
 
 
 def generated_images(root: Path, count: int) -> list[str]:
@@ -46,7 +46,7 @@ def generated_images(root: Path, count: int) -> list[str]:
 def samples_per_second(spec: str, workers: int, args: argparse.Namespace) -> float:
     training = dataclasses.replace(resolve_config("default").training, batch_size=args.batch, num_workers=workers,
                                    steps=args.batches, heldout_images=2, shuffle_buffer=100)
-    loader, _, _ = streams.training_data(data.open_sources([spec]), args.image_size, training, 0, 1, 0, None)
+    loader, _, _ = streams.training_data(sources.open_sources([spec]), args.image_size, training, 0, 1, 0, None)
     start = time.perf_counter()
     count = sum(len(batch.images) for batch in loader)
     return count / (time.perf_counter() - start)

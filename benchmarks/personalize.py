@@ -20,8 +20,8 @@ import torch
 from skimage import data
 
 from datencoder_core import TuningConfig, personalize
-from training.measure import Measure
-from training.models import build_random_models
+from benchmarks.measure import Measure
+from training.models.reference import build_random_models
 
 DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}  # None: as built (float32)
 

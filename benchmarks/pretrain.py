@@ -22,10 +22,10 @@ import torch
 from accelerate import Accelerator
 
 from datencoder_core.encoder import DATEncoder
-from training.measure import Measure
-from training.models import build_random_models
-from training.objective import PretrainingObjective
-from training.pretrain_config import PRESETS, PretrainConfig
+from benchmarks.measure import Measure
+from training.models.reference import build_random_models
+from training.pretrain.objective import PretrainingObjective
+from training.pretrain.config import PRESETS, PretrainConfig
 
 
 def benchmark_config(shapes: str, batch: int, mixed_precision: str, checkpointing: bool) -> PretrainConfig:

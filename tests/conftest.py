@@ -6,8 +6,8 @@ import pytest
 import torch
 from skimage import data
 
-from training.comfyui import comfyui_releases, comfyui_version
-from training.models import build_random_models
+from training.headless.comfyui import comfyui_releases, comfyui_version
+from training.models.reference import build_random_models
 
 
 def pytest_generate_tests(metafunc):
@@ -45,7 +45,7 @@ def cat_image():
 @pytest.fixture(scope="session")
 def demo_models_folder(tmp_path_factory):
     """The demo model set (checkpoint, ViT-H-14, encoder) in a cache folder, made once per session."""
-    from training.demo_models import ensure_demo_models
+    from training.headless.demo_models import ensure_demo_models
 
     return ensure_demo_models(tmp_path_factory.mktemp("cache"))
 
@@ -53,7 +53,7 @@ def demo_models_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pretraining(tmp_path_factory):
     """The CPU quick check, run once: ``python -m training.pretrain --preset tiny`` (60 steps). Its output dir."""
-    from training.pretrain import main
+    from training.pretrain.train import main
 
     output_dir = tmp_path_factory.mktemp("pretrain") / "run"
     main(["--preset", "tiny", "--output-dir", str(output_dir)])

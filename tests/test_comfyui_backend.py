@@ -4,12 +4,12 @@ import dataclasses
 
 import pytest
 import torch
-from training.comfyui import comfyui_path, pack_module
-from training.comfy_models import comfy_model_from_diffusers, random_comfy_clip
+from training.headless.comfyui import comfyui_path, pack_module
+from training.headless.random_models import comfy_model_from_diffusers, random_comfy_clip
 from transformers import CLIPTokenizer
 
 from datencoder_core import DualPathState, LoRAFactors, diffusion_loss
-from training.models import _text_encoder, build_random_models
+from training.models.reference import _text_encoder, build_random_models
 
 PROMPT = "a photo of {}"
 

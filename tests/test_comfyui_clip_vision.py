@@ -3,7 +3,7 @@
 
 import open_clip
 import torch
-from training.comfyui import import_comfyui
+from training.headless.comfyui import import_comfyui
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
 from datencoder_core.reference import open_clip_tokens

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from training.comfyui import pack_module
-from training.comfy_models import random_comfy_clip
+from training.headless.comfyui import pack_module
+from training.headless.random_models import random_comfy_clip
 
 from datencoder_core import LoRAFactors
 

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from training.comfyui import pack_module
-from training.comfy_models import comfy_model_from_diffusers, comfy_noise_prediction
+from training.headless.comfyui import pack_module
+from training.headless.random_models import comfy_model_from_diffusers, comfy_noise_prediction
 
 from datencoder_core import Concept, DualPathState, LoRAConfig, LoRAFactors, TuningConfig, architecture_fingerprint
 

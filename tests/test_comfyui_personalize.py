@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from training.comfyui import pack_module
-from training.comfy_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
+from training.headless.comfyui import pack_module
+from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
                                    random_comfy_clip_vision)
 
-from training.models import TINY_ENCODER
+from training.models.reference import TINY_ENCODER
 
 
 @pytest.fixture(scope="module")

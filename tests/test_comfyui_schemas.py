@@ -3,7 +3,7 @@
 import asyncio
 import inspect
 
-from training.comfyui import pack_module
+from training.headless.comfyui import pack_module
 
 
 def test_execute_parameters_equal_schema_inputs():

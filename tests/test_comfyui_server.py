@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from datencoder_core import Concept, LoRAFactors, TuningConfig
-from training.comfyui import REPO, ComfyUIServer, WorkflowError, free_port
+from training.headless.comfyui import REPO, ComfyUIServer, WorkflowError, free_port
 
 NODES = {
     "DATEncoderLoader": ([], ["DATENCODER"]),

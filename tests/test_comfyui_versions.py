@@ -7,8 +7,8 @@ import tomllib
 
 import pytest
 
-from training.comfyui import REPO, comfyui_path, pack_module
-from training.comfyui import comfyui_version
+from training.headless.comfyui import REPO, comfyui_path, pack_module
+from training.headless.comfyui import comfyui_version
 
 
 @pytest.fixture(scope="module")

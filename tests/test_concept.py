@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from datencoder_core import (Concept, DATEncoderError, LoRAConfig, LoRAFactors, TuningConfig, architecture_fingerprint,
                              discover_sites, load_encoder, save_encoder)
-from training.models import build_random_models
+from training.models.reference import build_random_models
 
 
 def _concept(sites, token_dim=32, seed=0):

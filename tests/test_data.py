@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from datencoder_core import DATEncoderError
-from training import data, streams
-from training.decode import decode_image
+from training.data import sources, streams
+from training.data.decode import decode_image
 from training.make_shards import make_shards
 from training.prepare_openimages import prepare
-from training.shards import read_shard
+from training.data.shards import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_make_shards_keeps_every_image_with_its_class_name(shards):
 def test_two_processes_x_two_workers_read_every_sample_once_per_epoch(shards):
     """8 shards, 4 readers: one epoch is 48 samples = 8 steps of a global batch of 6. Over 2 epochs each
     image comes exactly twice, once in each epoch's half of the run, in another order the second time."""
-    mix = data.open_sources([f"{shards}/{{00000..00007}}.tar"])
+    mix = sources.open_sources([f"{shards}/{{00000..00007}}.tar"])
     assert mix.streaming
     seen = {}
     for rank in (0, 1):
@@ -100,7 +100,7 @@ def test_two_processes_x_two_workers_read_every_sample_once_per_epoch(shards):
 def test_resume_mid_epoch_continues_without_repeats_or_gaps(shards):
     """Stopped after step 5 (odd: the other worker's turn) and resumed from the loader's state: the same
     batches as the straight run, across the epoch boundary (shuffle buffer 4 < a reader's 12 samples)."""
-    mix = data.open_sources([f"{shards}/{{00000..00007}}.tar"])
+    mix = sources.open_sources([f"{shards}/{{00000..00007}}.tar"])
     straight = read(streams.StreamLoader(stream(mix, 1, world=2, workers=2), 2, global_batch=6, steps=12))
     first = streams.StreamLoader(stream(mix, 1, world=2, workers=2), 2, global_batch=6, steps=5)
     before = read(first)
@@ -115,7 +115,7 @@ def test_resume_mid_epoch_continues_without_repeats_or_gaps(shards):
 def test_mixing_weights_are_the_shares_and_deterministic(tmp_path):
     a = image_folder(tmp_path / "a", 10)
     b = image_folder(tmp_path / "b", 10, first=100)
-    mix = data.open_sources([f"{a}@0.7", f"{b}@0.3"])
+    mix = sources.open_sources([f"{a}@0.7", f"{b}@0.3"])
     assert mix.streaming and mix.weights == [0.7, 0.3]
     loader = streams.StreamLoader(stream(mix, batch=50, block=10), 0, global_batch=50, steps=30)
     ids = [i for batch in read(loader) for i in batch]
@@ -125,7 +125,7 @@ def test_mixing_weights_are_the_shares_and_deterministic(tmp_path):
     other = [i for batch in read(streams.StreamLoader(stream(mix, batch=50, block=10, seed=1), 0, 50, 2)) for i in batch]
     assert again == ids[:100] and other != again
     with pytest.raises(DATEncoderError, match="weight after '@' must be a number > 0"):
-        data.open_sources([f"{a}@zero"])
+        sources.open_sources([f"{a}@zero"])
 
 
 def _bad_images(root: Path) -> dict[str, int]:
@@ -164,12 +164,12 @@ def test_each_bad_image_kind_is_converted_or_skipped_and_counted(tmp_path):
     assert pixels["grey"].pixels.shape == (40, 40, 3)
     # the streaming path: one epoch (9 files, 5 usable) with an image that is fine
     Image.new("RGB", (40, 40), colour(3)).save(tmp_path / "bad" / "fine.png")
-    mix = data.open_sources([f"{tmp_path / 'bad'}@1"])
+    mix = sources.open_sources([f"{tmp_path / 'bad'}@1"])
     batches = list(streams.StreamLoader(stream(mix, batch=6, block=100), 0, global_batch=6, steps=1))
     assert sum((b.events for b in batches), Counter()) == Counter(expected)
     # the exact path: the bad ones are replaced by the next image that decodes, and counted
-    source = data.ConcatSource(mix.sources)
-    shard = data.ProcessShard(source, list(range(len(source))), 8, 0, 10, 0, 1, 0, 1, min_side=8)
+    source = sources.ConcatSource(mix.sources)
+    shard = sources.ProcessShard(source, list(range(len(source))), 8, 0, 10, 0, 1, 0, 1, min_side=8)
     batch = shard.__getitems__(list(range(10)))
     assert batch.images.shape == (10, 8, 8, 3) and sum(batch.events.values()) >= sum(expected.values())
 
@@ -178,13 +178,13 @@ def test_refusals_name_the_path(tmp_path):
     image_folder(tmp_path / "few", 6)
     make_shards(tmp_path / "few", tmp_path / "shards", None, 3, 1, 0)
     with pytest.raises(DATEncoderError, match=r"shard .*00002.tar does not exist \(2 of the 4"):
-        data.open_sources([f"{tmp_path}/shards/{{00000..00003}}.tar"])
+        sources.open_sources([f"{tmp_path}/shards/{{00000..00003}}.tar"])
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.jpg").write_bytes(b"junk")
     with pytest.raises(DATEncoderError, match=r"--data .*junk: no usable image in it \(skipped_not_an_image: 1"):
-        data.check_sources(data.open_sources([str(tmp_path / "junk")]), 8)
+        sources.check_sources(sources.open_sources([str(tmp_path / "junk")]), 8)
     with pytest.raises(DATEncoderError, match="2 units .* for 4 readers"):
-        stream(data.open_sources([f"{tmp_path}/shards/{{00000..00001}}.tar"]), world=2, workers=2)
+        stream(sources.open_sources([f"{tmp_path}/shards/{{00000..00001}}.tar"]), world=2, workers=2)
 
 
 def test_openimages_crops_the_largest_box_with_its_class(tmp_path):
@@ -262,8 +262,8 @@ def test_latent_cache_holds_the_latents_of_the_crops_training_reads(tmp_path, ti
     the streaming loader then yields the cached latents with the centre crops they were made from, and the
     objective's frozen half is the same with them as when it encodes the images itself."""
     from training.cache_latents import main as cache_latents
-    from training.objective import PretrainingObjective
-    from training.pretrain_config import resolve_config
+    from training.pretrain.objective import PretrainingObjective
+    from training.pretrain.config import resolve_config
 
     rng = np.random.default_rng(0)
     (tmp_path / "photos").mkdir()
@@ -273,7 +273,7 @@ def test_latent_cache_holds_the_latents_of_the_crops_training_reads(tmp_path, ti
     spec = f"{tmp_path}/shards/{{00000..00001}}.tar"
     assert cache_latents(["--data", spec, "--models", "tiny", "--min-image-side", "8", "--batch", "3"]) == 8
     assert cache_latents(["--data", spec, "--models", "tiny"]) == 0  # complete caches are kept
-    mix = data.open_sources([spec])
+    mix = sources.open_sources([spec])
     loader = streams.MixedStream(mix, image_size=tiny_models.image_size, seed=0, local_batch=4, rank=0, world=1,
                                  num_workers=0, block=8, min_side=8, excluded=frozenset())
     assert loader.use_latents

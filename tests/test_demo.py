@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from datencoder_core import Concept, architecture_fingerprint, load_encoder
-from training import demo_models
+from training.headless import demo_models
 from training.demo import MARKER, main, replace_output
 
 QUICK = ["--set", "5.steps=2", "--set", "5.timesteps_per_step=1", "--set", "9.width=128", "--set", "9.height=128",

@@ -128,7 +128,7 @@ def test_dual_path_kernel_is_eq5(alpha):
 
 
 def test_remove_restores_original_processors():
-    from training.models import build_random_models
+    from training.models.reference import build_random_models
 
     models = build_random_models("tiny", seed=1)
     before = {k: type(p) for k, p in models.unet.attn_processors.items()}

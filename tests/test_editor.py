@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from training import demo_models
-from training.comfyui import REPO, ComfyUIServer, comfyui_version
+from training.headless import demo_models
+from training.headless.comfyui import REPO, ComfyUIServer, comfyui_version
 from training.demo import PHOTO, write_photo
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -99,7 +99,7 @@ def test_failed_save_leaves_no_partial_file(concept_file, tmp_path):
 
 
 def test_encoder_for_another_unet(backend, cat_image):
-    from training.models import build_random_models
+    from training.models.reference import build_random_models
 
     sd_like = build_random_models("tiny", seed=0)
     other = sd_like.random_encoder(LoRAConfig(targets=("attn2.to_k",)))

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from datencoder_core import DATEncoderError
-from training import evaluate
-from training.concepts import read_prompts, write_tiny_concepts
-from training.metrics import METRIC_FILES, TINY, MetricModels, _square, mean_pairwise_cosine
-from training.report import METRICS
+from training.evaluate import run as evaluate
+from training.evaluate.concepts import read_prompts, write_tiny_concepts
+from training.evaluate.metrics import METRIC_FILES, TINY, MetricModels, _square, mean_pairwise_cosine
+from training.evaluate.report import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_two_processes_share_the_concepts_and_give_the_numbers_of_one(tiny_run, 
     """accelerate launch --cpu --num_processes 2 (the concepts split between the processes) completes every
     unit, and each unit's scores equal the 1-process run's (same seeds; float sums may run in another order
     on another thread count, hence 1e-4)."""
-    from training.comfyui import free_port
+    from training.headless.comfyui import free_port
 
     output, variants = tmp_path / "two", ["full", "encoder_only"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",

@@ -16,13 +16,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from training.comfy_models import (comfy_model_from_diffusers, comfy_noise_prediction, comfy_vae_from_diffusers,
+from training.headless.random_models import (comfy_model_from_diffusers, comfy_noise_prediction, comfy_vae_from_diffusers,
                                    random_comfy_clip, random_comfy_clip_vision)
-from training.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
+from training.headless.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
 
 from datencoder_core import DATEncoderError
-from training.loading import SD15_CONFIG, load_reference_models, load_vision_tower
-from training.models import build_random_models, sd15_alphas_cumprod
+from training.models.loading import SD15_CONFIG, load_reference_models, load_vision_tower
+from training.models.reference import build_random_models, sd15_alphas_cumprod
 
 # The tiny ViT of random_comfy_clip_vision (width 32, 2 layers of 2 heads, MLP 37) as an open_clip config.
 TINY_VIT = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "mlp_ratio": 37 / 32,
@@ -245,9 +245,9 @@ def test_loading_imports_neither_comfyui_nor_the_nodes():
     import subprocess
     import sys
 
-    code = ("import sys, training.loading; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, training.models.loading; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'comfy', 'nodes', 'datencoder_pack'}); print(bad); sys.exit(bool(bad))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=SD15_CONFIG.parents[2], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=SD15_CONFIG.parents[3], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

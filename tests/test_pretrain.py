@@ -2,7 +2,6 @@
 two processes = one, the ablation switches, the config and the refusals before a run starts."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,11 +15,11 @@ from safetensors.torch import load_file
 from datencoder_core import DATEncoder, DATEncoderError, discover_sites
 from datencoder_core.attention import DualPathState
 from datencoder_core.checkpoint import load_encoder, read_safetensors
-from training import checkpoints
-from training.data import ProcessShard, SkimagePhotos, split_heldout
-from training.objective import PretrainingObjective
-from training.pretrain import main
-from training.pretrain_config import resolve_config
+from training.pretrain import checkpoints
+from training.data.sources import ProcessShard, SkimagePhotos, split_heldout
+from training.pretrain.objective import PretrainingObjective
+from training.pretrain.train import main
+from training.pretrain.config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Short runs: no grids, the encoder gain only at the first and last step.
@@ -136,7 +135,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_models, tmp_pat
 
 
 def _free_port() -> int:
-    from training.comfyui import free_port
+    from training.headless.comfyui import free_port
 
     return free_port()
 

@@ -19,7 +19,7 @@ from datencoder_core.config import TuningConfig
 from datencoder_core.tuning import add_noise
 from training.toyworld import world
 from training.toyworld.__main__ import main as toyworld_main
-from training.concepts import load_photo
+from training.evaluate.concepts import load_photo
 from training.toyworld.build import REDUCED
 from datencoder_core.vocab import nearest_tokens
 from training.toyworld.models import WorldShapes, build_models, forget_unused_words, load_world_models, world_token_ids

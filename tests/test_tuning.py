@@ -108,7 +108,7 @@ def test_several_photos_of_one_concept_give_one_concept(backend, encoder, cat_im
 
 def test_half_precision_models_with_float32_trainables(cat_image):
     """The GPU fast path (frozen models in bf16/fp16, v*, A, B in float32), run in bf16 on the CPU."""
-    from training.models import build_random_models
+    from training.models.reference import build_random_models
 
     models = build_random_models("tiny", seed=0).to("cpu", torch.bfloat16)
     encoder = models.random_encoder()

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from datencoder_core.errors import DATEncoderError
 from datencoder_core.images import vae_preprocess
-from training.data import square_crop
-from training.decode import decode_image
-from training.shards import ShardSource, cache_path
+from training.data.sources import square_crop
+from training.data.decode import decode_image
+from training.data.shards import ShardSource, cache_path
 
 logger = logging.getLogger("datencoder.cache_latents")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,11 +71,11 @@ def cache_shard(shard: Path, vae, image_size: int, min_side: int, batch: int) ->
 def load_vae(models: str, base: Path | None, device: str, dtype: torch.dtype):
     """(VAE, resolution): SD1.x's from ``base``, or the tiny preset's random one."""
     if models == "tiny":
-        from training.models import build_random_models
+        from training.models.reference import build_random_models
 
         built = build_random_models("tiny", seed=0)
         return built.vae.to(device, dtype), built.image_size
-    from training.loading import IMAGE_SIZE, load_vae as load_sd_vae
+    from training.models.loading import IMAGE_SIZE, load_vae as load_sd_vae
 
     if base is None:
         raise DATEncoderError("--base (missing): pass the SD1.5 checkpoint whose VAE training will use")

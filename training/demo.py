@@ -6,7 +6,7 @@
 With ``--models``, the workflow runs on your files, under the names it uses:
 ``checkpoints/v1-5-pruned-emaonly.safetensors``, ``clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors``
 and ``datencoder/datencoder_sd15.safetensors``. Without it, on the demo model set
-(``training/demo_models.py``). The photo defaults to scikit-image's Chelsea the cat.
+(``training/headless/demo_models.py``). The photo defaults to scikit-image's Chelsea the cat.
 
 Writes to ``--output`` (default ``output/demo/``, replaced on each run; a folder that is neither empty nor
 a previous demo output is refused, never deleted): the images, ``report.json``
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from training import demo_models
-from training.comfyui import REPO, ComfyUIServer, WorkflowError
+from training.headless import demo_models
+from training.headless.comfyui import REPO, ComfyUIServer, WorkflowError
 
 WORKFLOW = REPO / "workflows" / "api" / "personalize_and_generate.json"
 # (node type, input) -> (model folder or None, the demo set's value)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from datencoder_core.errors import DATEncoderError
-from training.checkpoints import export_checkpoint
+from training.pretrain.checkpoints import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> str:

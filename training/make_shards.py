@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from datencoder_core.errors import DATEncoderError
-from training.data import ImageFolder
-from training.shards import read_class_names, sample_key, write_shards
+from training.data.sources import ImageFolder
+from training.data.shards import read_class_names, sample_key, write_shards
 
 logger = logging.getLogger("datencoder.make_shards")
 

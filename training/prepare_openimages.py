@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from datencoder_core.errors import DATEncoderError
-from training.decode import decode_image
-from training.shards import read_class_names, write_shards
+from training.data.decode import decode_image
+from training.data.shards import read_class_names, write_shards
 
 logger = logging.getLogger("datencoder.prepare_openimages")
 COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")

@@ -25,14 +25,14 @@ import shutil
 import time
 from pathlib import Path
 
-from training.metrics import TINY, write_random_metric_models
+from training.evaluate.metrics import TINY, write_random_metric_models
 from training.toyworld import files
 from training.toyworld.checks import world_checks
 from training.toyworld.models import WorldBudget, WorldShapes, train_world_models
 from training.toyworld.truth import train_truth
 
 log = logging.getLogger(__name__)
-VERSION = 4  # bump when the world or its training changes, so caches rebuild
+VERSION = 5  # bump when the world or its training changes, so caches rebuild (5: sd/loader.json)
 DEFAULT_CACHE = Path.home() / ".cache" / "datencoder"
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from datencoder_core import LoRAConfig, LoRAFactors
-from training.concepts import load_photo
-from training.sampling import ConceptPrediction, generate
+from training.evaluate.concepts import load_photo
+from training.evaluate.sampling import ConceptPrediction, generate
 from training.toyworld import world
 from training.toyworld.models import load_world_models
 from training.toyworld.truth import WorldTruth

@@ -3,7 +3,7 @@
 ``pretrain`` runs ``training.pretrain.main`` on the world (``--base DIR/sd --clip-vision ... --data
 DIR/pretraining_images --config FILE``), once per embedding regularization of claim 3 (the paper's
 ``contrastive``, and ``none``); ``evaluate`` runs ``training.evaluate.main`` per encoder and seed with the
-world's concepts, prompts and ``--truth`` classifier. Both are skipped where their results are on disk
+world's concepts, prompts and ground-truth scorer (``WorldTruth``). Both are skipped where their results are on disk
 (an exported encoder, a ``metrics.json``), so a rerun only does what is missing. ``run`` does the two
 pretrainings, then every evaluation, up to ``jobs`` at a time in processes of one torch thread each: on
 two cores, two single-threaded runs finish sooner than one run with two threads (small batches use a
@@ -23,8 +23,11 @@ from typing import Callable
 import torch
 import yaml
 
-from training import checkpoints, evaluate, pretrain
+from training.evaluate import run as evaluate
+from training.pretrain import checkpoints
+from training.pretrain import train as pretrain
 from training.toyworld.models import WorldShapes
+from training.toyworld.truth import WorldTruth
 from training.toyworld.world import SIZE as WORLD_SIZE
 
 log = logging.getLogger(__name__)
@@ -98,9 +101,10 @@ def evaluate_encoder(world: Path, encoder: Path, output: Path, plan: ExperimentP
     return evaluate.main([
         "--encoder", str(encoder), "--base", str(world / "sd"), "--clip-vision", str(world / "clip_vision.safetensors"),
         "--concepts", str(world / "concepts"), "--metrics-models", str(world / "metrics_models"), "--tiny-metrics",
-        "--truth", str(world / "truth.safetensors"), "--prompts", str(PROMPTS), "--output", str(output),
+        "--prompts", str(PROMPTS), "--output", str(output),
         "--variants", *plan.variants(regularization), "--images-per-prompt", str(plan.images_per_prompt),
-        "--sampling-steps", str(plan.sampling_steps), "--guidance", str(plan.guidance), "--seed", str(seed)])
+        "--sampling-steps", str(plan.sampling_steps), "--guidance", str(plan.guidance), "--seed", str(seed)],
+        scorers=[WorldTruth(world / "truth.safetensors")])
 
 
 def _map(jobs: int, function: Callable, calls: list[tuple]) -> list:

@@ -5,7 +5,7 @@ open_clip vision tower; and the loader that makes them ``training.models.Referen
 Files in a world folder (what ``python -m training.pretrain --base DIR/sd --clip-vision DIR/clip_vision.safetensors``
 and ``training.evaluate`` read, through ``training.loading``):
 * ``sd/``: a diffusers ``StableDiffusionPipeline`` folder (unet, vae, text_encoder, tokenizer, scheduler);
-  the tokenizer is SD1.x's own (``training/configs/sd15/tokenizer``), the scheduler SD1.x's.
+  the tokenizer is SD1.x's own (``training/models/configs/sd15/tokenizer``), the scheduler SD1.x's.
 * ``clip_vision.safetensors``: the vision tower in open_clip's keys (``visual.*``), the world's CLIP image
   tower (``train_vision_tower``).
 * ``sd/world.json``: ``WorldShapes`` (the loader's contract: the pixel size and the vision tower's shape).
@@ -42,12 +42,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from datencoder_core import DATEncoderError, EncoderConfig
 from datencoder_core.reference import open_clip_tokens
-from training.models import ReferenceModels, sd15_alphas_cumprod
+from training.models.loading import LOADER_FILE, SD15_CONFIG, load_vision_tower
+from training.models.reference import ReferenceModels, sd15_alphas_cumprod
 from training.toyworld import world
 from training.toyworld.truth import Renders, fit_attributes
 
 log = logging.getLogger(__name__)
-SD15_TOKENIZER = Path(__file__).resolve().parents[1] / "configs" / "sd15" / "tokenizer"
+SD15_TOKENIZER = SD15_CONFIG / "tokenizer"
 SHAPES_FILE = "world.json"
 
 
@@ -239,21 +240,16 @@ def train_world_models(folder: Path, shapes: WorldShapes, budget: WorldBudget) -
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(folder / "sd")
     (folder / "sd" / SHAPES_FILE).write_text(json.dumps(dataclasses.asdict(shapes), indent=2))
+    (folder / "sd" / LOADER_FILE).write_text(json.dumps({"loader": f"{__name__}:{load_world_models.__name__}"}))
     save_file({f"visual.{k}": v.contiguous() for k, v in models.vision_tower.state_dict().items()},
               folder / "clip_vision.safetensors")
     return vision_accuracy
 
 
-def is_world(base: Path) -> bool:
-    return (Path(base) / SHAPES_FILE).is_file()
-
-
 def load_world_models(base: Path, clip_vision: Path, *, dtype: torch.dtype = torch.float32,
                       device: str | torch.device = "cpu") -> ReferenceModels:
     """The world's frozen models from ``base`` (its ``sd/`` folder) and ``clip_vision``, as ``load_reference_models``
-    gives SD1.5's."""
-    from training.loading import load_vision_tower
-
+    gives SD1.5's; ``training.models.loading`` calls it for the folder, which names it in its ``loader.json``."""
     base = Path(base)
     try:
         raw = json.loads((base / SHAPES_FILE).read_text())

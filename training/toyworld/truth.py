@@ -119,7 +119,7 @@ def prompt_context(text: str) -> str:
 
 
 class WorldTruth:
-    """The ground-truth scorer ``training.evaluate`` runs beside CLIP and DINO (module docstring)."""
+    """The toy world's ``training.evaluate.metrics.Scorer``: its ground truth beside CLIP and DINO (module docstring)."""
 
     def __init__(self, path: Path):
         self.net = AttributeNet()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from training.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
+from training.headless.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
 
 VERSION = 2  # bump when the files change, so caches are rebuilt (2: the standard-width VAE decoder)
 CHECKPOINT = "datencoder_demo_sd15.safetensors"

@@ -40,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datencoder_core.errors import DATEncoderError
-from training.data import Batch, ImageSource, Mix, Raw, sample_seed, square_crop
-from training.decode import Decoded, decode_image
+from training.data.sources import Batch, ImageSource, Mix, Raw, sample_seed, square_crop
+from training.data.decode import Decoded, decode_image
 
 logger = logging.getLogger("datencoder.data")
 HELDOUT = 2**32 - 1  # the held-out images' order: a seed no epoch reaches
@@ -220,15 +220,15 @@ def training_data(mix: Mix, image_size: int, training, rank: int, world: int, st
     """(loader of ``Batch``, held-out images (n, S, S, 3), their words) for this process: the exact folder
     path (``training.data.ProcessShard``) or the streaming one. ``resume``: the checkpoint's data state,
     one list of worker positions per process (streaming only)."""
-    from training import data
+    from training.data import sources
 
     if not mix.streaming:
-        source = data.ConcatSource(mix.sources)
-        train_indices, heldout_indices = data.split_heldout(source, training.heldout_images, training.seed)
-        shard = data.ProcessShard(source, train_indices, image_size, training.seed, training.batch_size, rank, world,
+        source = sources.ConcatSource(mix.sources)
+        train_indices, heldout_indices = sources.split_heldout(source, training.heldout_images, training.seed)
+        shard = sources.ProcessShard(source, train_indices, image_size, training.seed, training.batch_size, rank, world,
                                   start_step, training.steps, training.min_image_side)
-        images, words = data.heldout_images(source, heldout_indices, image_size, training.min_image_side)
-        return data.shard_loader(shard, training.num_workers), images, words
+        images, words = sources.heldout_images(source, heldout_indices, image_size, training.min_image_side)
+        return sources.shard_loader(shard, training.num_workers), images, words
     if training.batch_size % world:
         raise DATEncoderError(f"training.batch_size {training.batch_size} is not divisible by the {world} processes")
     workers = max(training.num_workers, 1)

@@ -4,7 +4,7 @@ reference model."""
 
 import torch
 
-from training.comfyui import comfyui_path, import_comfyui, seeded_random_init
+from training.headless.comfyui import comfyui_path, import_comfyui, seeded_random_init
 
 
 def comfy_model_from_diffusers(unet, load_device: torch.device = torch.device("cpu")):
@@ -86,27 +86,6 @@ def comfy_vae_from_diffusers(vae):
                 "num_res_blocks": vae.config.layers_per_block, "attn_resolutions": [], "dropout": 0.0}
     return comfy.sd.VAE(sd=vae.state_dict(), config={"params": {"embed_dim": vae.config.latent_channels,
                                                                 "ddconfig": ddconfig}})
-
-
-def comfy_noise_prediction(patcher, conds, latents, timesteps):
-    """eps of ``patcher`` for each conditioning in ``conds`` (ComfyUI CONDITIONING lists), through ComfyUI's
-    own sampling internals (cond encoding, batching, model wrapper, patch loading), for VP-scaled latents
-    at integer timesteps, so it compares with a diffusers UNet."""
-    import comfy.model_management
-    import comfy.sampler_helpers
-    import comfy.samplers
-
-    comfy.model_management.load_models_gpu([patcher])
-    patcher.pre_run()
-    sigma = patcher.model.model_sampling.sigmas[timesteps]
-    x = latents * (sigma**2 + 1).sqrt()[:, None, None, None]
-    groups = [comfy.samplers.encode_model_conds(patcher.model.extra_conds, comfy.sampler_helpers.convert_cond(c), x,
-                                                x.device, "positive") for c in conds]
-    try:
-        outputs = comfy.samplers.calc_cond_batch(patcher.model, groups, x, sigma, patcher.model_options)
-    finally:
-        patcher.cleanup()
-    return [(x - out) / sigma[:, None, None, None] for out in outputs]
 
 
 def comfy_noise_prediction(patcher, conds, latents, timesteps):

@@ -36,8 +36,8 @@ from datencoder_core.reference import DiffusersReferenceBackend
 from datencoder_core.tuning import add_noise
 from datencoder_core.vocab import nearest_tokens
 
-from training.data import sample_seed
-from training.pretrain_config import PretrainConfig
+from training.data.sources import sample_seed
+from training.pretrain.config import PretrainConfig
 
 Gather = Callable[[Tensor], Tensor]  # (b, D) on every process -> (W*b, D), rank order, no gradient
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import open_clip
 import torch
@@ -92,6 +93,14 @@ def _square(images: Tensor, resize: int, crop: int, mean, std) -> Tensor:
     """(B, H, W, C) in [0, 1] -> (B, C, crop, crop): shorter side to ``resize`` (bicubic), center crop, normalize."""
     pixels = TF.resize(images.permute(0, 3, 1, 2).float(), [resize], InterpolationMode.BICUBIC, antialias=True)
     return TF.normalize(TF.center_crop(pixels, [crop]).clamp(0, 1), list(mean), list(std))
+
+
+class Scorer(Protocol):
+    """A further metric ``training.evaluate.run.main`` adds beside DINO and CLIP (the toy world's ground truth):
+    ``{name: value}`` for ``generated`` (N, H, W, 3) in [0, 1], made for the concept in ``concept_folder`` (its
+    photos and ``concept.json``) with the prompt ``text``."""
+
+    def score(self, generated: Tensor, concept_folder: Path, text: str) -> dict[str, float]: ...
 
 
 class MetricModels:

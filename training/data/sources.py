@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datencoder_core.errors import DATEncoderError
 from datencoder_core.images import to_rgb
-from training.decode import Decoded, decode_image
-from training.shards import ShardSource, is_shard_spec
+from training.data.decode import Decoded, decode_image
+from training.data.shards import ShardSource, is_shard_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # scikit-image's colour photos and the grey ones that look like objects or scenes; all ship in the wheel.

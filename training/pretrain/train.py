@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,10 +30,11 @@ from tqdm.auto import tqdm
 from datencoder_core.checkpoint import load_encoder
 from datencoder_core.encoder import DATEncoder
 from datencoder_core.errors import DATEncoderError
-from training import checkpoints, data, streams, validation
-from training.decode import EVENTS, describe
-from training.objective import PretrainingObjective
-from training.pretrain_config import PRESETS, PretrainConfig, resolve_config
+from training.data import sources, streams
+from training.pretrain import checkpoints, validation
+from training.data.decode import EVENTS, describe
+from training.pretrain.objective import PretrainingObjective
+from training.pretrain.config import PRESETS, PretrainConfig, resolve_config
 
 check_min_version("0.30.0")
 logger = logging.getLogger("datencoder.pretrain")
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def describe_run(args: argparse.Namespace, config: PretrainConfig) -> tuple[dict, data.Mix]:
+def describe_run(args: argparse.Namespace, config: PretrainConfig) -> tuple[dict, sources.Mix]:
     """The resolved config and the run's inputs, as written to DIR/config.json, and the opened data
     source: missing files and empty or too small data sources are refused here, before any work."""
     training = config.training
@@ -63,28 +63,28 @@ def describe_run(args: argparse.Namespace, config: PretrainConfig) -> tuple[dict
         if args.base or args.clip_vision:
             raise DATEncoderError("training.models = 'tiny' builds random models in code; drop --base/--clip-vision "
                                   "or use another preset")
-        sources = args.data or ["skimage"]
+        specs = args.data or ["skimage"]
     else:
         for flag, path in (("--base", args.base), ("--clip-vision", args.clip_vision)):
             if path is None or not path.exists():
                 raise DATEncoderError(f"{flag} {path or '(missing)'}: no such file; pass the SD1.5 checkpoint "
                                       f"(--base) and the CLIP ViT-H-14 vision file (--clip-vision)")
-        sources = args.data
-    mix = data.open_sources(sources)  # raises on a missing or empty folder, a missing shard
-    data.check_sources(mix, training.min_image_side)  # raises on a source without one usable image
+        specs = args.data
+    mix = sources.open_sources(specs)  # raises on a missing or empty folder, a missing shard
+    sources.check_sources(mix, training.min_image_side)  # raises on a source without one usable image
     if not mix.streaming:
-        data.split_heldout(data.ConcatSource(mix.sources), training.heldout_images, training.seed)
+        sources.split_heldout(sources.ConcatSource(mix.sources), training.heldout_images, training.seed)
     run = {"config": config.to_dict(), "base": str(args.base) if args.base else None,
-           "clip_vision": str(args.clip_vision) if args.clip_vision else None, "data": list(sources)}
+           "clip_vision": str(args.clip_vision) if args.clip_vision else None, "data": list(specs)}
     return run, mix
 
 
 def load_models(config: PretrainConfig, args: argparse.Namespace, device, dtype):
     if config.training.models == "tiny":
-        from training.models import build_random_models
+        from training.models.reference import build_random_models
 
         return build_random_models("tiny", seed=config.training.seed).to(device, dtype)
-    from training.loading import load_reference_models
+    from training.models.loading import load_reference_models
 
     return load_reference_models(args.base, args.clip_vision, dtype=dtype, device=device)
 
@@ -259,9 +259,3 @@ class _StepTimer:
         self.start = time.perf_counter()
         return out
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except DATEncoderError as error:
-        sys.exit(f"error: {error}")

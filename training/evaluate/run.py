@@ -11,10 +11,11 @@ through the reference backend (DDIM, classifier-free guidance, dual path; image 
 seed ``seed + 1000 p + i`` in every variant), score against all the concept's photos, and write
 ``units/<concept>/<variant>.json`` and ``grids/<concept>/<variant>.png`` (a row per prompt). A rerun
 skips the units on disk. The main process then writes ``metrics.json``, ``metrics.csv`` and
-``tradeoff.png`` from every unit (training/report.py).
+``tradeoff.png`` from every unit (training/evaluate/report.py).
 
-On a toy world (``training/toyworld``), ``--truth FILE`` adds its ground-truth metrics (``truth_identity``,
-``truth_editability``, ``truth_shape``) beside CLIP and DINO, and ``--tiny-metrics`` reads tiny metric models.
+``main(argv, scorers)`` adds the metrics of further ``Scorer``s beside CLIP and DINO: the toy world passes its
+ground truth (``truth_identity``, ``truth_editability``, ``truth_shape``); ``--tiny-metrics`` reads tiny metric
+models.
 
 Variants (``VARIANTS``; ``scratch:N`` is ``scratch`` with N steps):
 * full: encoder + 12 tuning steps, dual path (alpha 0.25) in tuning and sampling: the method.
@@ -34,17 +35,19 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from datencoder_core import (Concept, DATEncoderError, LoRAConfig, LoRAFactors, TuningConfig, load_encoder,
                              personalize, save_encoder, tune)
-from training.concepts import (PROJECT_PROMPTS, ConceptSpec, Prompt, load_photo, read_concepts, read_prompts,
+from training.evaluate.concepts import (PROJECT_PROMPTS, ConceptSpec, Prompt, load_photo, read_concepts, read_prompts,
                                write_tiny_concepts)
-from training.metrics import TINY, MetricArchitectures, MetricModels, check_metric_files, write_random_metric_models
-from training.report import atomic_write_text, plot_tradeoff, summarize, write_metrics
-from training.sampling import generate
+from training.evaluate.metrics import (TINY, MetricArchitectures, MetricModels, Scorer, check_metric_files,
+                                       write_random_metric_models)
+from training.evaluate.report import atomic_write_text, plot_tradeoff, summarize, write_metrics
+from training.evaluate.sampling import generate
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", type=Path, help="SD1.x .safetensors checkpoint or diffusers folder")
     parser.add_argument("--clip-vision", type=Path, help="CLIP ViT-H-14 clip_vision .safetensors")
     parser.add_argument("--concepts", type=Path, help="a folder per concept: photos + concept.json")
-    parser.add_argument("--metrics-models", type=Path, help="folder of the metric weight files (training/metrics.py)")
+    parser.add_argument("--metrics-models", type=Path, help="folder of the metric weight files (training/evaluate/metrics.py)")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--prompts", type=Path, default=PROJECT_PROMPTS,
                         help="this project's prompt file or DreamBench's prompts_and_classes.txt")
@@ -95,8 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="of the frozen models")
     parser.add_argument("--tiny-metrics", action="store_true",
                         help="the --metrics-models files hold training.metrics.TINY's architectures (a toy world)")
-    parser.add_argument("--truth", type=Path, help="a toy world's ground-truth classifier (training/toyworld/"
-                                                   "truth.py): adds truth_identity/editability/shape")
     return parser
 
 
@@ -162,9 +163,9 @@ def scratch_concept(backend, lora_config: LoRAConfig, class_word: str, image: to
 
 def run_unit(backend, encoder, encoder_id: str, metric_models: MetricModels, concept: ConceptSpec,
              prompts: list[Prompt], variant: Variant, args: argparse.Namespace, tuning: TuningConfig,
-             truth=None) -> dict:
-    """Personalize, generate and score one concept x variant; returns its record (training/report.py).
-    ``truth`` (a toy world's ``WorldTruth``) adds its ground-truth metrics to each prompt's scores."""
+             scorers: Sequence[Scorer] = ()) -> dict:
+    """Personalize, generate and score one concept x variant; returns its record (training/evaluate/report.py).
+    Each of ``scorers`` adds its metrics to each prompt's scores."""
     cuda = backend.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(backend.device)
@@ -186,8 +187,8 @@ def run_unit(backend, encoder, encoder_id: str, metric_models: MetricModels, con
         images.append(generated)
         text = prompt.with_class(concept.class_word)
         scores = metric_models.score(generated, photos, text)
-        if truth is not None:
-            scores |= truth.score(generated, concept.photos[0].parent, text)
+        for scorer in scorers:
+            scores |= scorer.score(generated, concept.photos[0].parent, text)
         results.append({"template": prompt.template, "category": prompt.category, "text": text, **scores})
     save_grid(torch.cat(images), args.output / "grids" / concept.name / f"{variant.name}.png", args.images_per_prompt)
     return {"concept": concept.name, "kind": concept.kind, "variant": variant.name, "token": learned.token,
@@ -221,16 +222,17 @@ def unit_path(output: Path, concept: str, variant: str) -> Path:
 
 def load_models(args: argparse.Namespace, device: torch.device):
     if args.preset == "tiny":
-        from training.models import build_random_models
+        from training.models.reference import build_random_models
 
         return build_random_models("tiny").to(device)
-    from training.loading import load_reference_models
+    from training.models.loading import load_reference_models
 
     return load_reference_models(args.base, args.clip_vision, dtype=DTYPES[args.dtype], device=device)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    """Run the evaluation; returns the metrics.json content on the main process."""
+def main(argv: list[str] | None = None, scorers: Sequence[Scorer] = ()) -> dict | None:
+    """Run the evaluation, scoring with DINO, CLIP and ``scorers``; returns the metrics.json content on the main
+    process."""
     from accelerate import Accelerator
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -258,11 +260,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     encoder = encoder.to(accelerator.device)
     metric_architectures = TINY if args.preset == "tiny" or args.tiny_metrics else MetricArchitectures()
     metric_models = MetricModels(args.metrics_models, metric_architectures, accelerator.device)
-    truth = None
-    if args.truth is not None:
-        from training.toyworld.truth import WorldTruth
-
-        truth = WorldTruth(args.truth)
     with accelerator.split_between_processes(concepts) as mine:
         units = [(c, v) for c in mine for v in variants]
         for concept, variant in tqdm(units, desc="concepts x variants", disable=not accelerator.is_local_main_process):
@@ -270,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             if path.exists():
                 continue
             record = run_unit(backend, encoder, encoder_id, metric_models, concept, prompts[concept.kind], variant,
-                              args, tuning, truth)
+                              args, tuning, scorers)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(record, indent=2))
     accelerator.wait_for_everyone()
@@ -283,6 +280,3 @@ def main(argv: list[str] | None = None) -> dict | None:
     logger.info("wrote %s", ", ".join(str(args.output / n) for n in ("metrics.json", "metrics.csv", "tradeoff.png")))
     return summary
 
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@
 * ``base``: an SD1.x single-file ``.safetensors`` checkpoint in the original LDM key layout
   (``v1-5-pruned-emaonly.safetensors``, what ComfyUI's ``models/checkpoints/`` holds), loaded with diffusers'
   ``StableDiffusionPipeline.from_single_file`` and the SD1.5 configs and CLIP tokenizer shipped in
-  ``training/configs/sd15/`` (the tokenizer is OpenAI CLIP's, MIT, see its LICENSE); or a diffusers folder of
+  ``training/models/configs/sd15/`` (the tokenizer is OpenAI CLIP's, MIT, see its LICENSE); or a diffusers folder of
   an SD1.x pipeline (``model_index.json``), loaded with ``from_pretrained``. ``local_files_only`` and a local
   config folder: nothing is ever fetched from the hub.
 * ``clip_vision``: CLIP ViT-H-14 as ComfyUI's clip_vision file (transformers ``CLIPVisionModelWithProjection``
@@ -16,8 +16,10 @@ it one to one (q, k, v concatenated into ``in_proj``, the projection transposed)
 below; open_clip has no such converter (its ``convert.py`` covers big_vision and MobileCLIP). The alternative,
 transformers' model, would give the backend a second tower type and open_clip files a reverse map.
 
-A toy world's ``sd/`` folder (``training/toyworld``, marked by its ``world.json``) loads through
-``training.toyworld.models.load_world_models``: SD1.x's structure at the world's own widths.
+A base folder holding ``loader.json`` (``{"loader": "module:function"}``) names the function that loads it,
+with ``load_reference_models``' contract: the toy world's ``sd/`` folder names
+``training.toyworld.models.load_world_models`` (SD1.x's structure at the world's own widths). So this room
+imports nothing of the rooms built on it.
 
 Every wrong file raises ``DATEncoderError`` naming the file, what was expected and what was found; a
 missing file is reported before anything loads.
@@ -25,6 +27,7 @@ missing file is reported before anything loads.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -38,14 +41,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from datencoder_core import DATEncoderError, EncoderConfig
-from training.models import ReferenceModels
-from training.toyworld.models import is_world, load_world_models
+from training.models.reference import ReferenceModels
 
 log = logging.getLogger(__name__)
 
 SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
 VIT_H_14 = open_clip.get_model_config("ViT-H-14")  # {"embed_dim": 1024, "vision_cfg": {...}}, ships with open_clip
 IMAGE_SIZE = 512  # SD1.x's resolution, as Personalize Concept uses it
+LOADER_FILE = "loader.json"  # in a base folder that names its own loader (module docstring)
 
 # Keys of an SD1.x LDM checkpoint: the first cross-attention's key projection (its input width is the text
 # context width: 768 for SD1.x, 1024 for SD2.x), the first conv (4 input channels; 9 for inpainting) and
@@ -77,8 +80,8 @@ def load_reference_models(base: Path, clip_vision: Path, *, dtype: torch.dtype =
     loaded models' widths (CLIP tokens, UNet mid-block, text tokens) and otherwise the defaults.
     """
     base, clip_vision = Path(base), Path(clip_vision)
-    if base.is_dir() and is_world(base):  # the toy world's SD1.x-structured models, at its own shapes
-        return load_world_models(base, clip_vision, dtype=dtype, device=device)
+    if (base / LOADER_FILE).is_file():  # a folder that names its own loader (the toy world's)
+        return _named_loader(base)(base, clip_vision, dtype=dtype, device=device)
     for path, what in ((base, "SD1.x checkpoint (.safetensors) or diffusers folder"),
                        (clip_vision, "CLIP ViT-H-14 clip_vision file (.safetensors)")):
         if not path.exists():
@@ -92,6 +95,17 @@ def load_reference_models(base: Path, clip_vision: Path, *, dtype: torch.dtype =
         EncoderConfig(clip_dim=tower.transformer.width, unet_dim=pipeline.unet.config.block_out_channels[-1],
                       token_dim=pipeline.text_encoder.config.hidden_size))
     return models.to(device)  # the pipeline was loaded in dtype already
+
+
+def _named_loader(base: Path):
+    """The function ``base/loader.json`` names (``{"loader": "module:function"}``)."""
+    path = base / LOADER_FILE
+    try:
+        module, _, name = json.loads(path.read_text())["loader"].partition(":")
+        return getattr(importlib.import_module(module), name)
+    except (ValueError, KeyError, TypeError, ImportError, AttributeError) as error:
+        raise DATEncoderError(f"{path}: expected {{\"loader\": \"module:function\"}} naming an importable "
+                              f"loader, got an error: {error!r}") from None
 
 
 def _load_sd1(base: Path, dtype: torch.dtype, config: Path) -> StableDiffusionPipeline:

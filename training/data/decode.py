@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.shards import Cached
+from training.data.shards import Cached
 
 EVENTS = ("converted_cmyk", "converted_16bit", "converted_grey", "converted_palette", "converted_rgba",
           "skipped_not_an_image", "skipped_corrupt", "skipped_too_small", "skipped_unsupported_mode",

@@ -20,8 +20,8 @@ from datencoder_core.reference import DiffusersReferenceBackend
 from datencoder_core.tuning import add_noise, predict
 from datencoder_core.vocab import nearest_tokens
 
-from training.data import sample_seed
-from training.sampling import ConceptPrediction, generate
+from training.data.sources import sample_seed
+from training.evaluate.sampling import ConceptPrediction, generate
 
 GAIN_PROMPT = "a photo of {}"
 SAMPLE_PROMPTS = ("a photo of {}", "a watercolor painting of {} on a beach")  # S* as is, then recontextualised

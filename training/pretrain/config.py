@@ -20,7 +20,7 @@ import yaml
 
 from datencoder_core.config import EncoderConfig, LoRAConfig, LossConfig, _require, _Serializable
 from datencoder_core.errors import DATEncoderError
-from training.models import TINY_ENCODER
+from training.models.reference import TINY_ENCODER
 
 # "a photo of S*" and a small set of ImageNet-style templates (CLIP's ImageNet prompts, the object ones).
 TEMPLATES = ("a photo of {}", "a photo of a {}", "a close-up photo of a {}", "a bright photo of a {}",
