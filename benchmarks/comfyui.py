@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from skimage import data
 
-from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
-                                   random_comfy_clip_vision)
-from training.headless.comfyui import import_comfyui, pack_module
 from benchmarks.measure import LiveTensorBytes, Measure
+from training.headless.comfyui import import_comfyui, pack_module
+from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
+                                             random_comfy_clip_vision)
 from training.models.reference import build_random_models
 
 def comfy_stack(shapes: str):

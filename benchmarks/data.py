@@ -3,7 +3,7 @@
     python -m benchmarks.data                                    # a generated ImageNet-like set: folder and shards
     python -m benchmarks.data --data imagenet/train --data "shards/{00000..01280}.tar" --workers 0 4 8 16
 
-Each source is read the way ``training.pretrain`` reads it (``training.streams.training_data``: a folder
+Each source is read the way ``training.pretrain`` reads it (``training.data.streams.training_data``: a folder
 takes the exact path, shards the streaming one), decoded, randomly cropped and resized to
 ``--image-size``, in batches of ``--batch`` on one process. The clock runs from the loader's start
 (worker start-up included: timing from the first batch would count the batches the workers prefetched

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from skimage import data
 
-from datencoder_core import TuningConfig, personalize
 from benchmarks.measure import Measure
+from datencoder_core import TuningConfig, personalize
+from training.models.loading import DTYPES
 from training.models.reference import build_random_models
 
-DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}  # None: as built (float32)
 
 
 def run_once(backend, encoder, image, config: TuningConfig, device: str) -> tuple[float, float, int]:

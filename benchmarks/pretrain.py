@@ -4,7 +4,7 @@
     python -m benchmarks.pretrain --shapes sd15 --device cuda --batch 8 16 32 --checkpointing both
 
 Random weights at the chosen shapes ("sd15": SD1.5 UNet/VAE/text encoder + ViT-H-14 at 512 px, the
-default encoder). A step is exactly the training loop's (``training.objective`` forward, backward,
+default encoder). A step is exactly the training loop's (``training.pretrain.objective`` forward, backward,
 gradient clipping, AdamW) on one process, under the run's mixed precision (frozen models cast to bf16,
 encoder fp32 under autocast). The images are random pixels made on the device, so the figure is the
 compute side alone: the data-loading share of a real run is logged by the run itself
@@ -21,11 +21,11 @@ import dataclasses
 import torch
 from accelerate import Accelerator
 
-from datencoder_core.encoder import DATEncoder
 from benchmarks.measure import Measure
+from datencoder_core.encoder import DATEncoder
 from training.models.reference import build_random_models
-from training.pretrain.objective import PretrainingObjective
 from training.pretrain.config import PRESETS, PretrainConfig
+from training.pretrain.objective import PretrainingObjective
 
 
 def benchmark_config(shapes: str, batch: int, mixed_precision: str, checkpointing: bool) -> PretrainConfig:

@@ -9,6 +9,7 @@ from .concept import Concept
 from .config import EncoderConfig, LoRAConfig, LossConfig, TuningConfig
 from .encoder import DATEncoder, EncoderOutput
 from .errors import DATEncoderError
+from .forward import EncoderForward, concept_noise_prediction, encoder_forward
 from .lora import LoRAFactors, LoRASum
 from .losses import diffusion_loss, embedding_l2_loss, nearest_neighbor_contrastive_loss
 from .sites import LoRASite, architecture_fingerprint, discover_sites
@@ -17,8 +18,8 @@ from .vocab import nearest_tokens
 
 __all__ = [
     "Concept", "DATEncoder", "DATEncoderError", "DualPathAttnProcessor", "DualPathState", "EncoderConfig",
-    "EncoderOutput", "LoRAConfig", "LoRAFactors", "LoRASite", "LoRASum", "LossConfig", "Region", "TuningConfig",
-    "architecture_fingerprint", "diffusion_loss", "discover_sites", "dual_path_attention", "embedding_l2_loss",
-    "holds", "load_encoder", "nearest_neighbor_contrastive_loss", "nearest_tokens", "personalize", "save_encoder",
-    "tune",
+    "EncoderForward", "EncoderOutput", "LoRAConfig", "LoRAFactors", "LoRASite", "LoRASum", "LossConfig", "Region",
+    "TuningConfig", "architecture_fingerprint", "concept_noise_prediction", "diffusion_loss", "discover_sites",
+    "dual_path_attention", "embedding_l2_loss", "encoder_forward", "holds", "load_encoder",
+    "nearest_neighbor_contrastive_loss", "nearest_tokens", "personalize", "save_encoder", "tune",
 ]

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 import torch
 from torch import Tensor
 
+from .atomic import temporary_sibling
 from .config import EncoderConfig, LoRAConfig
 from .encoder import DATEncoder
 from .errors import DATEncoderError
@@ -40,11 +41,11 @@ def atomic_save(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: d
 def atomic_save_all(files: Sequence[FileContents]) -> None:
     """Write several safetensors files as one: afterwards all of them are in place, or none changed.
 
-    Each file is first written in full to a temporary sibling (``.<name>.<pid>.tmp``) with ``open()``'s
-    default mode; only then are they moved onto their paths, one ``os.replace`` each. A file being
-    replaced is moved aside first (``.<name>.<pid>.old``), so if a later move fails, the files already
-    moved are taken back out and the replaced ones restored. Raises ``DATEncoderError`` naming the
-    file that could not be written; no temporary file remains either way.
+    Each file is first written in full to a temporary sibling (``atomic.temporary_sibling``) with ``open()``'s
+    default mode; only then are they moved onto their paths, one ``os.replace`` each. A file being replaced
+    is moved aside first (another sibling, kind ``old``), so if a later move fails, the files already moved
+    are taken back out and the replaced ones restored. Raises ``DATEncoderError`` naming the file that could
+    not be written; no temporary file remains either way. (One file alone: ``atomic.atomic_write``.)
     """
     staged: list[tuple[Path, Path]] = []  # (temporary file, target)
     moved: list[tuple[Path, Path | None]] = []  # (target, its previous content moved aside, or None)
@@ -52,7 +53,7 @@ def atomic_save_all(files: Sequence[FileContents]) -> None:
     try:
         for tensors, path, metadata in files:
             path = Path(path)
-            tmp = _sibling(path, "tmp")
+            tmp = temporary_sibling(path, "tmp")
             staged.append((tmp, path))
             data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
             with open(tmp, "wb") as f:
@@ -60,7 +61,7 @@ def atomic_save_all(files: Sequence[FileContents]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, path in staged:
-            old = _sibling(path, "old") if path.is_file() else None
+            old = temporary_sibling(path, "old") if path.is_file() else None
             if old is not None:
                 os.replace(path, old)
             try:
@@ -101,10 +102,6 @@ def holds(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[st
 
 def _same(stored: Tensor, tensor: Tensor) -> bool:
     return stored.dtype == tensor.dtype and torch.equal(stored, tensor.detach().cpu())
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
 
 
 def read_safetensors(path: str | os.PathLike, expected_format: str,
@@ -179,9 +176,13 @@ def load_encoder(path: str | os.PathLike) -> tuple[DATEncoder, str]:
     return encoder.eval(), metadata["encoder_id"]
 
 
-def check_fingerprint(found: str, expected: str, path: str | os.PathLike, what: str) -> None:
-    """Raise unless a file's base-model fingerprint is the current model's."""
-    if found != expected:
-        raise DATEncoderError(f"{path}: this {what} was made for another base model (fingerprint {found}); "
-                              f"the loaded model's is {expected}. Use an SD1.x checkpoint, or a {what} made for it.")
-
+def check_base_model(what: str, made_for: str, target: str, used_with: str) -> None:
+    """The pack's one base-model check: raise ``DATEncoderError`` when ``what`` (a concept or an encoder,
+    named with its file, e.g. "the concept cat.safetensors") was made for another base model than
+    ``target``, the model it is used with (e.g. "this MODEL"). ``made_for`` and ``used_with`` are
+    ``architecture_fingerprint``s: equal for every checkpoint of one architecture (SD1.5 and its
+    fine-tunes), so only a different architecture is refused."""
+    if made_for != used_with:
+        raise DATEncoderError(f"{what} was made for another base model (fingerprint {made_for}) than {target}, "
+                              f"which it is used with (fingerprint {used_with}). Use it with the SD1.x checkpoint "
+                              f"it was made for (or a fine-tune of it), or use one made for {target}")

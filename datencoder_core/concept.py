@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_save, atomic_save_all, check_fingerprint, read_safetensors
+from .checkpoint import atomic_save, atomic_save_all, read_safetensors
 from .config import TuningConfig
 from .errors import DATEncoderError
 from .lora import LoRAFactors
@@ -40,6 +40,7 @@ class Concept:
     encoder_id: str
     tuning: TuningConfig | None  # the settings of the tuning that made it; None: not recorded (format 1 file)
     lora_targets: tuple[str, ...]  # the encoder's LoRAConfig.targets, e.g. ("attn1.to_q", ...)
+    source: str | None = field(default=None, compare=False)  # the file ``load`` read it from; None: made in this run
 
     def __post_init__(self):
         if self.v_star.ndim != 1:
@@ -56,6 +57,13 @@ class Concept:
         if stray:
             raise DATEncoderError(f"Concept.lora has sites of the targets {stray}, which lora_targets "
                                   f"{list(self.lora_targets)} does not list")
+
+    @property
+    def label(self) -> str:
+        """How messages name this concept: its file, or, made in this run, its nearest word and encoder."""
+        if self.source is not None:
+            return f"the concept {self.source}"
+        return f"the concept with nearest word {self.token!r} (encoder {self.encoder_id})"
 
     @property
     def rank(self) -> int:
@@ -80,15 +88,12 @@ class Concept:
         atomic_save(tensors, path, metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None) -> Concept:
-        """Read a concept file; with ``expected_fingerprint``, refuse one made for another base model.
-
-        A format 1 file (no provenance) gets ``tuning`` None and the targets its sites show; its
-        ``alpha_blend`` is dropped.
+    def load(cls, path: str | os.PathLike) -> Concept:
+        """Read a concept file (``source`` is ``path``). Whether it suits a model is checked where it is
+        used (``checkpoint.check_base_model``). A format 1 file (no provenance) gets ``tuning`` None and
+        the targets its sites show; its ``alpha_blend`` is dropped.
         """
         tensors, meta = read_safetensors(path, CONCEPT_FORMAT, READABLE_VERSIONS)
-        if expected_fingerprint is not None:
-            check_fingerprint(meta.get("base_fingerprint", ""), expected_fingerprint, path, "concept")
         down, up = {}, {}
         try:
             for key, tensor in tensors.items():
@@ -102,7 +107,7 @@ class Concept:
                 tuning = None if recorded is None else TuningConfig.from_dict(recorded)
                 targets = tuple(json.loads(meta["lora_targets"]))
             return cls(tensors["v_star"], LoRAFactors(down, up, float(meta["scale"])), int(meta["token_id"]),
-                       meta["token"], meta["base_fingerprint"], meta["encoder_id"], tuning, targets)
+                       meta["token"], meta["base_fingerprint"], meta["encoder_id"], tuning, targets, os.fspath(path))
         except (KeyError, TypeError, ValueError) as error:
             raise DATEncoderError(f"{path}: damaged concept file ({type(error).__name__}: {error})") from None
 

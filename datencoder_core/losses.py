@@ -19,10 +19,8 @@ def diffusion_loss(noise_pred: Tensor, noise: Tensor) -> Tensor:
     return F.mse_loss(noise_pred.float(), noise.float())
 
 
-def nearest_neighbor_contrastive_loss(
-    v_star: Tensor, vocab: Tensor, *, k: int, temperature: float, exclude: Sequence[int],
-    negatives: Tensor | None = None, self_index: Tensor | None = None,
-) -> Tensor:
+def nearest_neighbor_contrastive_loss(v_star: Tensor, vocab: Tensor, *, k: int, temperature: float,
+                                      exclude: Sequence[int]) -> Tensor:
     """Eq. 3, averaged over the batch:
 
         L_c(v*) = -log( sum_{T in N(v*)} e^{s(v*,T)/tau} / (sum_{T in N(v*)} e^{s(v*,T)/tau} + sum_{v' != v*} e^{s(v*,v')/tau}) )
@@ -32,17 +30,14 @@ def nearest_neighbor_contrastive_loss(
     either. The positives are constants: the gradient reaches v* only, never ``vocab`` (the text
     encoder's token table, which may be a parameter). s is cosine similarity (the paper writes a dot
     product; cosine keeps the logits bounded, and Eq. 4 controls the norm separately).
-    Negatives are the other images' v*: by default the other rows of ``v_star`` (B, D); in multi-GPU
-    training pass the all-gathered ``negatives`` (N, D) and each local row's position in it,
-    ``self_index`` (B,), which is masked out.
+    The negatives of each row of ``v_star`` (B, D) are its other rows (multi-process pretraining passes
+    the all-gathered batch as ``v_star``, see ``training/pretrain/objective.py``).
     """
-    if negatives is None:
-        negatives, self_index = v_star, torch.arange(v_star.shape[0], device=v_star.device)
     positives = vocab.detach()[nearest_tokens(v_star, vocab, k, exclude)]  # (B, k, D)
     v = F.normalize(v_star, dim=-1)
     pos_logits = torch.einsum("bd,bkd->bk", v, F.normalize(positives, dim=-1)) / temperature
-    neg_logits = v @ F.normalize(negatives, dim=-1).T / temperature  # (B, N)
-    neg_logits = neg_logits.scatter(1, self_index[:, None], -torch.inf)
+    self_mask = torch.eye(v.shape[0], dtype=torch.bool, device=v.device)  # a row is not its own negative
+    neg_logits = (v @ v.T / temperature).masked_fill(self_mask, -torch.inf)  # (B, B)
     return (torch.cat([pos_logits, neg_logits], 1).logsumexp(1) - pos_logits.logsumexp(1)).mean()
 
 

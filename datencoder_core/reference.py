@@ -21,6 +21,14 @@ from .prompts import PromptIds, TokenizerSpec, prompt_ids
 from .sites import discover_sites
 
 
+def vae_latents(vae: nn.Module, images: Tensor, image_size: int) -> Tensor:
+    """SD's latents of ``images`` (N, H, W, 3) in [0, 1]: the diffusers VAE's posterior mean at ``image_size``,
+    times its ``scaling_factor``. The one formula, so cached latents (``training.cache_latents``) equal what
+    the backend computes."""
+    pixels = vae_preprocess(images.to(vae.device), image_size).to(vae.dtype)
+    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
+
 class DiffusersReferenceBackend:
     """``PersonalizationBackend`` over a diffusers ``UNet2DConditionModel`` and ``AutoencoderKL``, a
     transformers ``CLIPTextModel`` + ``CLIPTokenizer``, and an open_clip ``VisionTransformer``."""
@@ -49,8 +57,7 @@ class DiffusersReferenceBackend:
         self.unet.set_attn_processor(self._original_processors)
 
     def encode_latents(self, images: Tensor) -> Tensor:
-        pixels = vae_preprocess(images.to(self.device), self.image_size).to(self.vae.dtype)
-        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        return vae_latents(self.vae, images, self.image_size)
 
     def image_features(self, images: Tensor, noisy_latents: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         return self._clip_tokens(images), self._unet_mid_features(noisy_latents, timesteps)

@@ -1,8 +1,10 @@
 """Inference-time personalization (Sec. 4.4): one encoder forward, then a few regularised LoRA steps.
 
-From the encoder's prediction (v*_0, A_0, B_0), AdamW optimises v*, A and B only, on the diffusion
-loss (Eq. 1) of the concept image at a mini-batch of random timesteps, with the dual path of Eq. 5 on
-and an L2 term pulling v* and dW toward the prediction:
+The encoder forward and every step's noise prediction are ``forward.py``'s, the path pretraining and its
+validation run. From the encoder's prediction (v*_0, A_0, B_0) on the concept noised at
+``TuningConfig.encoder_timestep``, AdamW optimises v*, A and B only, on the diffusion loss (Eq. 1) of the
+concept image at a mini-batch of random timesteps, with the dual path of Eq. 5 on and an L2 term pulling
+v* and dW toward the prediction:
 
     L = ||eps - eps_theta(z_t, t, C(v*), C_h; W + dW, a)||^2 + w_v ||v* - v*_0||^2 + w_W sum_l ||dW_l - dW_l,0||_F^2
 """
@@ -14,38 +16,29 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .attention import DualPathState
 from .backend import PersonalizationBackend
+from .checkpoint import check_base_model
 from .concept import Concept
 from .config import TuningConfig
-from .encoder import DATEncoder, EncoderOutput
-from .errors import DATEncoderError
+from .encoder import DATEncoder
+from .forward import EncoderForward, add_noise, concept_noise_prediction, encoder_forward, nearest_token_ids
 from .lora import LoRAFactors
 from .losses import diffusion_loss
+from .prompts import PromptIds
 from .sites import architecture_fingerprint
-from .vocab import nearest_tokens
 
 ProgressCallback = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
 
 
-def add_noise(latents: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Forward diffusion q(z_t | z_0) = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps."""
-    abar = alphas_cumprod[timesteps].view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
-    return abar.sqrt() * latents + (1 - abar).sqrt() * noise
-
-
 @torch.no_grad()
 def predict(backend: PersonalizationBackend, encoder: DATEncoder, latents: Tensor, images: Tensor,
-            timestep: int, generator: torch.Generator) -> EncoderOutput:
-    """One encoder forward over N photos of one concept: their trunk features are averaged, so the
-    prediction is a single v* (1, D) and one set of factors (1, ...)."""
+            timestep: int, generator: torch.Generator) -> EncoderForward:
+    """Personalization's one encoder forward (``forward.encoder_forward``) over N photos of one concept,
+    noised at ``timestep`` with noise drawn from ``generator``: their trunk features are averaged, so the
+    prediction is a single v* (1, D) and one set of factors (1, ...), with its nearest token."""
     timesteps = torch.full((latents.shape[0],), timestep, device=latents.device)
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    noisy = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
-    clip_tokens, unet_features = backend.image_features(images, noisy, timesteps)
-    dtype = next(encoder.parameters()).dtype  # the backend's models may run in half precision
-    features = encoder.features(clip_tokens.to(backend.device, dtype), unet_features.to(dtype))
-    return encoder.heads(features.mean(0, keepdim=True))
+    noise = torch.randn(latents.shape, generator=generator)
+    return encoder_forward(backend, encoder, images, latents, noise, timesteps, pool=True)
 
 
 def personalize(backend: PersonalizationBackend, encoder: DATEncoder, encoder_id: str, images: Tensor,
@@ -57,12 +50,11 @@ def personalize(backend: PersonalizationBackend, encoder: DATEncoder, encoder_id
     Only v*, A and B get gradients; the backend's weights are never written. Same inputs and
     ``config.seed`` give the same concept.
     """
-    if {s.name for s in encoder.sites} != {s.name for s in backend.sites}:
-        raise DATEncoderError(f"the encoder ({encoder_id}) was trained for other LoRA sites than the loaded "
-                              f"UNet has; is the checkpoint an SD1.x model?")
+    check_base_model(f"the encoder {encoder_id}", architecture_fingerprint(encoder.sites, encoder.config.token_dim),
+                     "this UNet", architecture_fingerprint(backend.sites, backend.token_embeddings.shape[1]))
     generator = torch.Generator().manual_seed(config.seed)
     latents = backend.encode_latents(images)
-    prediction = predict(backend, encoder, latents, images, config.encoder_timestep, generator)
+    prediction = predict(backend, encoder, latents, images, config.encoder_timestep, generator).prediction
     return tune(backend, latents, prediction.v_star[0], prediction.lora.row(0), encoder_id,
                 encoder.lora_config.targets, config, generator, progress, interrupt)
 
@@ -80,23 +72,18 @@ def tune(backend: PersonalizationBackend, latents: Tensor, v_anchor: Tensor, lor
     for tensor in lora.parameters():
         tensor.requires_grad_(True)
     optimizer = torch.optim.AdamW([v_star, *lora.parameters()], lr=config.lr, weight_decay=0.0)
-    prompt = backend.prompt_ids(config.prompt)  # tokenized once; each step only fills the slot
-    hard_contexts: dict[int, Tensor] = {}
+    prompts = [backend.prompt_ids(config.prompt)]  # tokenized once; each step only fills the slot
+    hard_contexts: dict[tuple[PromptIds, int], Tensor] = {}
     batch, device = config.timesteps_per_step, latents.device
     for step in range(config.steps):
         if interrupt is not None:
             interrupt()
-        token_id = _nearest_token(backend, v_star)
-        if token_id not in hard_contexts:
-            with torch.no_grad():
-                hard_contexts[token_id] = backend.encode_prompt(prompt, token_id)
-        context = backend.encode_prompt(prompt, token_id, v_star)
         rows = torch.randint(latents.shape[0], (batch,), generator=generator)
         timesteps = torch.randint(len(backend.alphas_cumprod), (batch,), generator=generator).to(device)
         noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(latents)
         noisy = add_noise(latents[rows.to(device)], noise, timesteps, backend.alphas_cumprod)
-        state = DualPathState(lora, config.alpha_blend, hard_contexts[token_id].expand(batch, -1, -1))
-        noise_pred = backend.predict_noise(noisy, timesteps, context.expand(batch, -1, -1), state)
+        noise_pred, _ = concept_noise_prediction(backend, v_star, lora, prompts, noisy, timesteps, config.alpha_blend,
+                                                 hard_contexts)
         loss = (diffusion_loss(noise_pred, noise)
                 + config.embedding_anchor_weight * (v_star - v_anchor).pow(2).sum()
                 + config.lora_anchor_weight * lora.squared_norms(lora_anchor))
@@ -106,10 +93,6 @@ def tune(backend: PersonalizationBackend, latents: Tensor, v_anchor: Tensor, lor
         if progress is not None:
             progress(step + 1, config.steps, loss.item())
 
-    token_id = _nearest_token(backend, v_star)
+    token_id = nearest_token_ids(backend, v_star[None])[0]
     return Concept(v_star.detach(), lora.detached_clone(), token_id, backend.decode_token(token_id), fingerprint,
                    encoder_id, config, lora_targets)
-
-
-def _nearest_token(backend: PersonalizationBackend, v_star: Tensor) -> int:
-    return int(nearest_tokens(v_star[None], backend.token_embeddings, 1, backend.special_token_ids)[0, 0])

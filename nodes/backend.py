@@ -8,14 +8,25 @@ ComfyUI's own trainer loads), together with the encoder's ModelPatcher.
   reference to their frozen weight and save only activations, so the gradient reaches v*, A and B
   without copying a weight (a deep copy would double the UNet's memory behind ComfyUI's back).
 * The UNet runs through a ModelPatcher clone whose attention modules carry the same
-  ``DualPathAttentionPatch`` as sampling (``patching.with_dual_path_attention``).
+  ``DualPathAttentionPatch`` as sampling (``patching.with_dual_path_attention``), with the
+  ``transformer_options`` sampling gives it (``tuning_transformer_options``): the MODEL's own
+  (other packs' attn1/attn2 patches), so tuning fits the concept to the model that will sample it.
 * ComfyUI's CLIP layers add residuals in place (after LayerNorm has saved the tensor), so the text
   model runs an out-of-place forward of ComfyUI's own layers (embeddings, causal layers up to the CLIP
   skip that CLIPSetLastLayer set, final LayerNorm), and the gradient reaches the soft token.
 The VAE and the CLIP vision model are used through ComfyUI's APIs, without gradients.
+
+This module is the one place that reaches past ComfyUI's public node and patcher API, because autograd
+needs the forwards that ComfyUI only offers under ``no_grad`` or with in-place ops: the text layers
+(``_encode_ids``), the UNet's forward with its ``transformer_options`` (``predict_noise``), and its input
+and middle blocks (``image_features``). They stay here, beside the one class that calls them, rather than
+in a separate internals module: a ComfyUI change that breaks one of them breaks this file alone, and
+``tests/test_comfyui_backend.py`` pins each against the diffusers reference and ComfyUI's own sampling.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import comfy.model_management
 import comfy.model_sampling
@@ -24,14 +35,15 @@ import torch
 from comfy.ldm.modules.attention import optimized_attention_for_device
 from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+from comfy.patcher_extension import merge_nested_dicts
 from torch import Tensor
 
 from ..datencoder_core import DATEncoderError, DualPathState
 from ..datencoder_core.frozen import frozen_weights
-from ..datencoder_core.images import vae_preprocess
+from ..datencoder_core.images import to_rgb, vae_preprocess
 from ..datencoder_core.prompts import PromptIds, TokenizerSpec, prompt_ids
 from .conditioning import placeholder_ids
-from .patching import STATE_KEY, with_dual_path_attention
+from .patching import STATE_KEY, refuse_attn2_replace, with_dual_path_attention
 
 
 def check_sd1(model, clip) -> None:
@@ -46,9 +58,9 @@ def check_sd1(model, clip) -> None:
                               f"DATEncoder needs an SD1.x CLIP (one CLIP-L): use the CLIP of the SD1.x checkpoint")
 
 
-def eps_alphas_cumprod(model) -> Tensor:
-    """The discrete training schedule abar_t (1000,) of an eps-prediction model, from its
-    ``model_sampling`` object (which ModelSamplingDiscrete nodes may have replaced)."""
+def eps_sigmas(model) -> Tensor:
+    """The discrete schedule sigma_t (1000,) of an eps-prediction model, from its ``model_sampling`` object
+    (which ModelSamplingDiscrete nodes may have replaced); abar_t = 1 / (1 + sigma_t^2)."""
     sampling = model.get_model_object("model_sampling")
     # The prediction type is how the sampler reads the model output: EPS's calculate_denoised, not an override.
     if type(sampling).calculate_denoised is not comfy.model_sampling.EPS.calculate_denoised or not hasattr(
@@ -56,7 +68,21 @@ def eps_alphas_cumprod(model) -> Tensor:
         raise DATEncoderError(f"this MODEL samples as {type(sampling).__name__}; DATEncoder is trained for "
                               f"eps-prediction SD1.x (discrete schedule): remove the ModelSampling node or use "
                               f"an eps checkpoint")
-    return 1.0 / (1.0 + sampling.sigmas.float() ** 2)
+    return sampling.sigmas.float()
+
+
+def tuning_transformer_options(patcher, sigmas: Tensor, conditioning: uuid.UUID, state: DualPathState) -> dict:
+    """The ``transformer_options`` of one tuning forward: those sampling gives the UNet for a batch of one
+    positive conditioning (``comfy.samplers._calc_cond_batch``): the MODEL's
+    ``model_options["transformer_options"]`` (other packs' ``attn1_patch``, ``attn2_patch``,
+    ``attn2_output_patch``, ...) merged into a fresh dict by ComfyUI's ``merge_nested_dicts``, then
+    ``cond_or_uncond``, ``uuids`` and ``sigmas`` (one per row, what patches that act on part of the
+    schedule read), and the ``DualPathState``. The patcher's wrappers and callbacks are not added: they
+    belong to sampling's lifecycle (the outer-sample and prepare-sampling steps that set them up never
+    run while tuning)."""
+    options = merge_nested_dicts({}, patcher.model_options.get("transformer_options", {}))
+    options.update({"cond_or_uncond": [0], "uuids": [conditioning], "sigmas": sigmas, STATE_KEY: state})
+    return options
 
 
 class ComfyUIBackend:
@@ -65,12 +91,15 @@ class ComfyUIBackend:
 
     def __init__(self, model, clip, vae, clip_vision, image_size: int = 512, extra_models=()):
         check_sd1(model, clip)
-        self.vae, self.clip_vision, self.clip, self.image_size = vae, clip_vision, clip, image_size
+        refuse_attn2_replace(model.model_options.get("transformer_options", {}), "Personalize Concept")
+        self.vae, self.clip_vision, self.image_size = vae, clip_vision, image_size
         self.patcher, self.sites = with_dual_path_attention(model)
         self.models = [self.patcher, clip.patcher, *extra_models]
         self.device = model.load_device
         self.dtype = model.model.manual_cast_dtype or model.model.get_dtype()
-        self.alphas_cumprod = eps_alphas_cumprod(model).to(self.device)
+        self.sigmas = eps_sigmas(model).to(self.device)
+        self.alphas_cumprod = 1.0 / (1.0 + self.sigmas**2)
+        self._conditioning = uuid.uuid4()  # the tuning prompt's id in transformer_options["uuids"]
 
         self.text_model = clip.cond_stage_model.clip_l.transformer.text_model
         empty = [int(t) for t, *_ in clip.tokenize("")["l"][0]]  # start, end, padding
@@ -104,7 +133,11 @@ class ComfyUIBackend:
 
     @torch.no_grad()
     def image_features(self, images: Tensor, noisy_latents: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
-        tokens = self.clip_vision.encode_image(images)["last_hidden_state"].clone().to(self.device)
+        """The encoder's inputs: CLIP vision tokens and the UNet's middle-block features at the empty prompt.
+        The UNet runs without the MODEL's transformer_options: the encoder was pretrained on the plain
+        UNet's features, and no sampling step computes these."""
+        # ComfyUI drops an alpha channel (its clip_preprocess keeps [..., :3]); composite it as the VAE path does
+        tokens = self.clip_vision.encode_image(to_rgb(images))["last_hidden_state"].clone().to(self.device)
         self._load()  # after CLIP vision, which may have offloaded them; tuning follows with them loaded
         unet = self.patcher.model.diffusion_model
         emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(self.dtype))
@@ -154,8 +187,8 @@ class ComfyUIBackend:
                       dual_path: DualPathState) -> Tensor:
         self._load()
         state = DualPathState(dual_path.lora, dual_path.alpha, dual_path.hard_context.to(self.dtype))
+        options = tuning_transformer_options(self.patcher, self.sigmas[timesteps], self._conditioning, state)
         with frozen_weights():
             out = self.patcher.model.diffusion_model(noisy_latents.to(self.dtype), timesteps.float(),
-                                                     context=context.to(self.dtype),
-                                                     transformer_options={STATE_KEY: state})
+                                                     context=context.to(self.dtype), transformer_options=options)
         return out.float()

@@ -11,6 +11,7 @@ encoded apart and joined afterwards.
 from __future__ import annotations
 
 from ..datencoder_core import Concept, DATEncoderError
+from ..datencoder_core.checkpoint import check_base_model
 from .patching import HARD_CONTEXT_KEY
 
 
@@ -75,10 +76,8 @@ def encode_with_concepts(clip, text: str, concepts: list[tuple[str, Concept]]) -
             raise DATEncoderError(problem)
     (first, reference), *others = concepts
     for placeholder, concept in others:
-        if concept.base_fingerprint != reference.base_fingerprint:
-            raise DATEncoderError(f"the concepts for {first!r} and {placeholder!r} were made for different base "
-                                  f"models (fingerprints {reference.base_fingerprint} and "
-                                  f"{concept.base_fingerprint}): use concepts made with the same SD1.x checkpoint")
+        check_base_model(f"{concept.label} for {placeholder!r}", concept.base_fingerprint,
+                         f"the base model of {reference.label} for {first!r}", reference.base_fingerprint)
     tokens = clip.tokenize(text)
     if set(tokens) != {"l"}:
         raise DATEncoderError(f"Apply Concept Token needs an SD1.x CLIP (one CLIP-L text encoder); this CLIP has "

@@ -10,15 +10,15 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import ComfyExtension, io, ui
+from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from ..datencoder_core import (Concept, DATEncoder, DATEncoderError, TuningConfig, architecture_fingerprint,
-                               load_encoder, personalize)
+from ..datencoder_core import Concept, DATEncoder, TuningConfig, architecture_fingerprint, load_encoder, personalize
+from ..datencoder_core.checkpoint import check_base_model
 from . import compat, paths
 from .backend import ComfyUIBackend
 from .conditioning import encode_with_concepts, placeholder_problem, prompt_problem
-from .patching import comfy_sites, patch_model
+from .patching import model_fingerprint, patch_model
 
 ConceptType = io.Custom("CONCEPT")
 ConceptListType = io.Custom("CONCEPT_LIST")  # a tuple of (placeholder, Concept), from Concept List
@@ -26,18 +26,34 @@ EncoderType = io.Custom("DATENCODER")
 logger = logging.getLogger("datencoder")
 # What the editor's node search also matches (ComfyUI 0.30 and newer; compat.schema_options).
 SEARCH_ALIASES = ["DATEncoder", "personalize", "personalization", "one photo", "subject", "textual inversion"]
+UI_KEY = "datencoder"  # the nodes' structured ui output (``shown``); the pack's name keeps it apart from ComfyUI's keys
 
 
 def show_text(node_id: str | None, text: str) -> None:
     """Put ``text`` on node ``node_id`` in the editor: ComfyUI's progress text, which the editor draws under
     the node's widgets and keeps after the run (it draws a V3 node's ``ui`` text only for ComfyUI's own
-    preview nodes). The nodes also return the text as ``ui`` output, for /history and scripts, with CLIP's
-    end-of-word mark in tokens (``cat</w>``); the editor renders the progress text as HTML, which would hide
-    that mark's angle brackets and what they enclose, so it is dropped here: the editor shows ``cat``."""
+    preview nodes). The nodes also return the text as ``ui`` output (``shown``, beside the structured
+    record that code reads), with CLIP's end-of-word mark in tokens (``cat</w>``); the editor renders the
+    progress text as HTML, which would hide that mark's angle brackets and what they enclose, so it is
+    dropped here: the editor shows ``cat``."""
     if node_id is not None:
         from server import PromptServer
 
         PromptServer.instance.send_progress_text(text.replace("</w>", ""), node_id)
+
+
+def shown(node_id: str | None, text: str, record: dict, *outputs) -> io.NodeOutput:
+    """``outputs`` with ``text`` for people (shown on the node, ``show_text``) and ``record`` for code: the
+    node's ``ui`` is ``{"text": [text], "datencoder": [record]}``, which the editor's ``executed`` event,
+    /history and the cache all carry. ``record`` holds only JSON values (a saved workflow's run is read
+    back from JSON); scripts and the editor's extension read it, never the text, which may change."""
+    show_text(node_id, text)
+    return io.NodeOutput(*outputs, ui={"text": [text], UI_KEY: [record]})
+
+
+def concept_record(concept: Concept) -> dict:
+    """What the ``ui`` record of a node that outputs a concept says about it."""
+    return {"token": concept.token, "token_id": concept.token_id, "encoder_id": concept.encoder_id}
 
 
 def _schema(**fields) -> io.Schema:
@@ -51,10 +67,11 @@ def _node_id(cls) -> str | None:
 
 class LoadedEncoder:
     """DATENCODER: the encoder in a ModelPatcher, so that ComfyUI's model management moves it to the
-    GPU with the models it runs beside and offloads it after; ``encoder_id`` names its weights."""
+    GPU with the models it runs beside and offloads it after; ``encoder_id`` names its weights, ``path``
+    the file they were loaded from."""
 
-    def __init__(self, encoder: DATEncoder, encoder_id: str):
-        self.encoder_id = encoder_id
+    def __init__(self, encoder: DATEncoder, encoder_id: str, path: str | None = None):
+        self.encoder_id, self.path = encoder_id, path
         self.patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=comfy.model_management.get_torch_device(),
                                                         offload_device=comfy.model_management.unet_offload_device())
 
@@ -63,14 +80,10 @@ class LoadedEncoder:
         return self.patcher.model
 
     def check_base_model(self, model) -> None:
-        """Refuse an encoder made for another base model than ``model``, naming both."""
-        sites, _ = comfy_sites(model)
-        expected = architecture_fingerprint(sites, model.model.model_config.unet_config["context_dim"])
-        found = architecture_fingerprint(self.encoder.sites, self.encoder.config.token_dim)
-        if found != expected:
-            raise DATEncoderError(f"the encoder {self.encoder_id} was made for another base model (fingerprint "
-                                  f"{found}) than this MODEL (fingerprint {expected}, {len(sites)} LoRA sites); "
-                                  f"use the SD1.x checkpoint it was trained for, or an encoder trained for this one")
+        """Refuse an encoder made for another base model than ``model`` (``checkpoint.check_base_model``)."""
+        where = self.encoder_id if self.path is None else f"{self.path} ({self.encoder_id})"
+        made_for = architecture_fingerprint(self.encoder.sites, self.encoder.config.token_dim)
+        check_base_model(f"the encoder {where}", made_for, "this MODEL", model_fingerprint(model))
 
 
 class DATEncoderLoader(io.ComfyNode):
@@ -88,10 +101,10 @@ class DATEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder_name) -> io.NodeOutput:
-        encoder, encoder_id = load_encoder(folder_paths.get_full_path_or_raise(paths.ENCODERS, encoder_name))
-        text = f"encoder {encoder_id}"
-        show_text(_node_id(cls), text)
-        return io.NodeOutput(LoadedEncoder(encoder, encoder_id), ui=ui.PreviewText(text))
+        path = folder_paths.get_full_path_or_raise(paths.ENCODERS, encoder_name)
+        encoder, encoder_id = load_encoder(path)
+        return shown(_node_id(cls), f"encoder {encoder_id}", {"encoder_id": encoder_id},
+                     LoadedEncoder(encoder, encoder_id, path))
 
 
 class DATEncoderPersonalize(io.ComfyNode):
@@ -139,11 +152,11 @@ class DATEncoderPersonalize(io.ComfyNode):
                               seed=seed)
         bar = comfy.utils.ProgressBar(max(steps, 1))
         node_id = _node_id(cls)
-        done = [0]
+        losses: list[float] = []
 
         def progress(step: int, total: int, loss: float) -> None:
             bar.update_absolute(step, total)
-            done[0] = step
+            losses.append(loss)
             show_text(node_id, f"step {step}/{total}  loss {loss:.4f}")
 
         try:
@@ -154,12 +167,11 @@ class DATEncoderPersonalize(io.ComfyNode):
                                       progress=progress,
                                       interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         except comfy.model_management.InterruptProcessingException:
-            show_text(node_id, f"cancelled after step {done[0]}/{steps}: no concept was made")
+            show_text(node_id, f"cancelled after step {len(losses)}/{steps}: no concept was made")
             raise
         logger.info("DATEncoder: concept ready, nearest word %r", concept.token)
-        text = f"nearest word: {concept.token}"
-        show_text(node_id, text)
-        return io.NodeOutput(concept, ui=ui.PreviewText(text))
+        return shown(node_id, f"nearest word: {concept.token}", {**concept_record(concept), "losses": losses},
+                     concept)
 
 
 class _SaveNode(io.ComfyNode):
@@ -188,8 +200,7 @@ class _SaveNode(io.ComfyNode):
         if not target.unchanged:
             write(target.paths)
         text = f"{'unchanged (same concept)' if target.unchanged else 'saved'} {' and '.join(target.paths)}"
-        show_text(_node_id(cls), text)
-        return io.NodeOutput(ui=ui.PreviewText(text))
+        return shown(_node_id(cls), text, {"files": target.paths, "saved": not target.unchanged})
 
 
 class DATEncoderLoadConcept(io.ComfyNode):
@@ -219,9 +230,9 @@ class DATEncoderLoadConcept(io.ComfyNode):
     @classmethod
     def execute(cls, concept_name) -> io.NodeOutput:
         concept = Concept.load(folder_paths.get_full_path_or_raise(paths.CONCEPTS, concept_name))
-        text = describe_concept(concept)
-        show_text(_node_id(cls), text)
-        return io.NodeOutput(concept, ui=ui.PreviewText(text))
+        record = {**concept_record(concept), "tuning": None if concept.tuning is None else concept.tuning.to_dict(),
+                  "lora_targets": list(concept.lora_targets)}
+        return shown(_node_id(cls), describe_concept(concept), record, concept)
 
 
 def describe_concept(concept: Concept) -> str:

@@ -20,9 +20,10 @@ alone, so the output is bit for bit the one-concept output.
 
 Other packs' attention patches: ``attn1_patch`` / ``attn2_patch`` (which edit the attention inputs
 before it runs) work together with the dual path, as long as they keep the value equal to the
-context and the context's shape. An ``attn2_replace`` patch (IPAdapter's way) replaces the cross-
-attention call and would drop the dual path there, so it is refused, when the patch is applied and
-when sampling.
+context and the context's shape; tuning gets the same patches (``backend.tuning_transformer_options``),
+so Personalize Concept fits the concept to the model that samples it. An ``attn2_replace`` patch
+(IPAdapter's way) replaces the cross-attention call and would drop the dual path there, so it is
+refused (``refuse_attn2_replace``): when the patch is applied, when sampling, and when tuning.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from comfy.patcher_extension import WrappersMP
 from ..datencoder_core import (Concept, DATEncoderError, DualPathState, LoRAConfig, LoRAFactors, LoRASum, Region,
                                architecture_fingerprint, discover_sites)
 from ..datencoder_core.attention import dual_path_forward, sites_by_attention
+from ..datencoder_core.checkpoint import check_base_model
 from ..datencoder_core.sites import LoRASite
 
 HARD_CONTEXT_KEY = "datencoder_hard_context"  # conditioning key set by "Apply Concept Token"; a model cond in sampling
@@ -54,6 +56,12 @@ def comfy_sites(patcher, lora_config: LoRAConfig = LoRAConfig()) -> tuple[tuple[
     named = [(name, modules[path]) for name, path in comfy_path.items() if path in modules]
     sites = tuple(sorted(discover_sites(named, lora_config.targets), key=lambda site: site.name))
     return sites, {site.name: comfy_path[site.name] for site in sites}
+
+
+def model_fingerprint(patcher) -> str:
+    """The ``architecture_fingerprint`` of a MODEL: what concepts and encoders made for it record."""
+    sites, _ = comfy_sites(patcher)
+    return architecture_fingerprint(sites, patcher.model.model_config.unet_config["context_dim"])
 
 
 def with_dual_path_attention(patcher):
@@ -84,22 +92,25 @@ class DualPathAttentionPatch:
                                              transformer_options=transformer_options)
         if mask is not None or (value is not None and value is not context):
             raise DATEncoderError("another node's attention patch passes a separate value or a mask to SD1.x "
-                                  "attention, which the Dual-Path Model Patch cannot combine with; sample without "
-                                  "that patch, or without the Dual-Path Model Patch")
+                                  "attention, which the dual path (Personalize Concept, Dual-Path Model Patch) "
+                                  "cannot combine with; use a MODEL without that patch, or do without the concept")
         if self.is_cross and context.shape != state.hard_context.shape:
             raise DATEncoderError(f"another node's attn2_patch changed the cross-attention context to "
                                   f"{tuple(context.shape)} (the prompt is {tuple(state.hard_context.shape)}); the "
-                                  f"Dual-Path Model Patch cannot combine with it: sample without one of the two")
+                                  f"dual path (Personalize Concept, Dual-Path Model Patch) cannot combine with it: "
+                                  f"use a MODEL without that patch, or do without the concept")
         return dual_path_forward(self.module, x, context, state, self.sites, self.is_cross)
 
 
-def _refuse_attn2_replace(transformer_options: dict) -> None:
+def refuse_attn2_replace(transformer_options: dict, node: str) -> None:
+    """Refuse ``transformer_options`` with ``attn2_replace`` patches, which would bypass the dual path of
+    ``node`` (sampling: the Dual-Path Model Patch; tuning: Personalize Concept)."""
     replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
     if replaced:
         raise DATEncoderError(f"this MODEL carries attn2_replace patches from another node (e.g. IPAdapter) on "
                               f"{len(replaced)} cross-attention block(s); they replace the cross-attention the "
-                              f"Dual-Path Model Patch runs in, so the concept would be silently dropped there. "
-                              f"Apply only one of the two")
+                              f"dual path runs in, so {node} would silently drop the concept there. Give {node} "
+                              f"the MODEL without that node's patches: the two cannot be combined")
 
 
 def add_hard_contexts(executor, model, noise_shape, conds, *args, **kwargs):
@@ -175,7 +186,7 @@ class DualPathWrapper:
         if hard is None:
             raise DATEncoderError("the Dual-Path Model Patch got a model call without its hard prompt: sample "
                                   "with one of ComfyUI's sampler nodes (KSampler, SamplerCustom, ...)")
-        _refuse_attn2_replace(transformer_options)
+        refuse_attn2_replace(transformer_options, "the Dual-Path Model Patch")
         state = self._state(x, hard, len(transformer_options.get("cond_or_uncond", [None])))
         options = {**transformer_options, STATE_KEY: state}
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
@@ -196,13 +207,8 @@ def patch_model(patcher, concept: Concept, alpha: float, lora_strength: float = 
     scaled by ``lora_strength`` and, with a ComfyUI MASK, acting only inside it. A model already patched
     gets the concept added to its concepts (same ``alpha`` required); one with attn2_replace patches, or a
     concept for another base model, is refused."""
-    _refuse_attn2_replace(patcher.model_options.get("transformer_options", {}))
-    sites, _ = comfy_sites(patcher)
-    fingerprint = architecture_fingerprint(sites, patcher.model.model_config.unet_config["context_dim"])
-    if concept.base_fingerprint != fingerprint:
-        raise DATEncoderError(f"the concept (encoder {concept.encoder_id}) was made for another base model "
-                              f"(fingerprint {concept.base_fingerprint}, this MODEL's is {fingerprint}); "
-                              f"use an SD1.x checkpoint")
+    refuse_attn2_replace(patcher.model_options.get("transformer_options", {}), "the Dual-Path Model Patch")
+    check_base_model(concept.label, concept.base_fingerprint, "this MODEL", model_fingerprint(patcher))
     added = PatchedConcept(LoRAFactors(concept.lora.down, concept.lora.up, concept.lora.scale * lora_strength),
                            None if mask is None else _mask_batch(mask))
     stacked = patcher.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY)

@@ -199,9 +199,13 @@ def test_concepts_for_different_base_models_are_refused(comfy, concepts):
     patching, conditioning, patcher, clip = comfy
     error = pack_module("datencoder_core").DATEncoderError
     foreign = dataclasses.replace(concepts[1], base_fingerprint="0123456789abcdef")
-    with pytest.raises(error, match="'S1\\*' and 'S2\\*' were made for different base models"):
+    with pytest.raises(error, match=r"the concept with nearest word 'backpack</w>' \(encoder enc@test\) for 'S2\*' "
+                                    r"was made for another base model \(fingerprint 0123456789abcdef\) than the base "
+                                    r"model of the concept with nearest word 'dog</w>' \(encoder enc@test\) for 'S1\*', "
+                                    r"which it is used with \(fingerprint \w+\)\. Use it with the SD1.x checkpoint"):
         conditioning.encode_with_concepts(clip, TEXT, [("S1*", concepts[0]), ("S2*", foreign)])
-    with pytest.raises(error, match="made for another base model .*fingerprint 0123456789abcdef"):
+    with pytest.raises(error, match=r"was made for another base model \(fingerprint 0123456789abcdef\) than this "
+                                    r"MODEL, which it is used with"):
         patching.patch_model(patching.patch_model(patcher, concepts[0], 0.25), foreign, 0.25)
 
 

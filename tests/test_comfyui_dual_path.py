@@ -1,6 +1,7 @@
 """The ComfyUI dual path against the diffusers reference, on identical tiny weights, in the real ComfyUI."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -119,12 +120,22 @@ def test_comfyui_conditioning_nodes_keep_working(comfy, backend, concept):
     assert torch.isfinite(out["samples"]).all() and not torch.allclose(out["samples"], plain_out["samples"], atol=1e-3)
 
 
-def test_concept_for_another_model_is_refused(comfy, concept):
+def test_concept_for_another_model_is_refused(comfy, concept, tmp_path):
+    """The message names the concept's file (or, made in this run, its word and encoder), what it was made
+    for, what it is used with, and the fix."""
     patching, patcher = comfy
+    error = pack_module("datencoder_core").DATEncoderError
     foreign = dataclasses.replace(concept, base_fingerprint="0123456789abcdef")
-    with pytest.raises(pack_module("datencoder_core").DATEncoderError,
-                       match="made for another base model .*fingerprint 0123456789abcdef"):
+    fingerprint = architecture_fingerprint(patching.comfy_sites(patcher)[0], 32)
+    with pytest.raises(error, match=rf"^the concept with nearest word 'f</w>' \(encoder enc@test\) was made for "
+                                    rf"another base model \(fingerprint 0123456789abcdef\) than this MODEL, which it "
+                                    rf"is used with \(fingerprint {fingerprint}\)\. Use it with the SD1.x checkpoint "
+                                    rf"it was made for \(or a fine-tune of it\), or use one made for this MODEL$"):
         patching.patch_model(patcher, foreign, 0.25)
+    foreign.save(tmp_path / "cat.safetensors")
+    path = re.escape(str(tmp_path / "cat.safetensors"))
+    with pytest.raises(error, match=rf"^the concept {path} was made for another base model \(fingerprint 0123"):
+        patching.patch_model(patcher, Concept.load(tmp_path / "cat.safetensors"), 0.25)
 
 
 def test_fingerprint_agrees_with_the_reference_backend(comfy, backend):

@@ -3,8 +3,8 @@
 
 import pytest
 import torch
-from training.headless.random_models import comfy_model_from_diffusers, comfy_noise_prediction, random_comfy_clip
 from training.headless.comfyui import pack_module
+from training.headless.random_models import comfy_model_from_diffusers, comfy_noise_prediction, random_comfy_clip
 
 from datencoder_core import Concept, LoRAConfig, LoRAFactors, TuningConfig, architecture_fingerprint
 

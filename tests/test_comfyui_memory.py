@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
-                                   random_comfy_clip_vision)
-from training.headless.comfyui import pack_module
 from benchmarks.measure import LiveTensorBytes
+from training.headless.comfyui import pack_module
+from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
+                                             random_comfy_clip_vision)
 from training.models.reference import TINY_ENCODER
 
 WIDTH = 256  # weights (about 150 MB) dominate the activations of 16x16 latents by far

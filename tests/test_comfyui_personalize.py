@@ -1,10 +1,13 @@
 """Personalize Concept and DATEncoder Loader, run as ComfyUI's executor runs nodes (inference mode)."""
 
+import json
+import re
+
 import pytest
 import torch
 from training.headless.comfyui import pack_module
 from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
-                                   random_comfy_clip_vision)
+                                             random_comfy_clip_vision)
 
 from training.models.reference import TINY_ENCODER
 
@@ -47,7 +50,12 @@ def test_personalize_makes_a_concept_and_leaves_inputs_untouched(stack, cat_imag
     output = _personalize(stack, cat_image)
     concept = output.result[0]
     assert concept.v_star.shape == (32,) and len(concept.lora.down) == 96
-    assert output.ui.as_dict() == {"text": (f"nearest word: {concept.token}",)}
+    [record] = output.ui["datencoder"]  # for code: scripts and the editor's extension read this, not the text
+    assert output.ui == {"text": [f"nearest word: {concept.token}"], "datencoder": [record]}
+    assert record == {"token": concept.token, "token_id": concept.token_id, "encoder_id": "tiny@test",
+                      "losses": record["losses"]}
+    assert len(record["losses"]) == 2 and all(isinstance(loss, float) and loss > 0 for loss in record["losses"])
+    assert json.loads(json.dumps(output.ui)) == output.ui  # survives /history's JSON
     assert concept.token_id not in (49406, 49407) and concept.encoder_id == "tiny@test"
     assert any(b.abs().sum() > 0 for b in concept.lora.up.values())
     after = _fingerprints(stack)
@@ -85,13 +93,23 @@ def test_cancel_stops_within_one_step_and_leaves_inputs_untouched(stack, cat_ima
 
 
 @pytest.mark.parametrize("make", [
-    lambda cat: torch.cat([cat, torch.ones_like(cat[..., :1])], -1),  # RGBA
     lambda cat: cat.mean(-1, keepdim=True),  # grayscale
     lambda cat: cat[:, :, :200],  # non-square (portrait)
-], ids=["alpha", "grayscale", "non_square"])
+], ids=["grayscale", "non_square"])
 def test_image_kinds(stack, cat_image, make):
     concept = _personalize(stack, make(cat_image), steps=1).result[0]
     assert concept.v_star.shape == (32,) and torch.isfinite(concept.v_star).all()
+
+
+def test_a_photo_with_alpha_is_composited_on_white(stack, cat_image):
+    """Alpha from 0 (left) to 1 (right): the node's concept from the RGBA photo is its concept from the same
+    photo composited on white by hand; from the photo with its alpha dropped it is another."""
+    alpha = torch.linspace(0, 1, cat_image.shape[2])[None, None, :, None].expand(*cat_image.shape[:3], 1)
+    rgba = _personalize(stack, torch.cat([cat_image, alpha], -1), steps=1).result[0]
+    by_hand = _personalize(stack, cat_image * alpha + (1 - alpha), steps=1).result[0]
+    dropped = _personalize(stack, cat_image, steps=1).result[0]
+    assert torch.allclose(rgba.v_star, by_hand.v_star, atol=1e-5)
+    assert (rgba.v_star - dropped.v_star).abs().max() > 1e-4
 
 
 def test_a_batch_of_photos_gives_one_concept_from_all_of_them(stack, cat_image):
@@ -153,18 +171,26 @@ def test_an_sdxl_clip_is_refused_before_anything_is_loaded(stack, cat_image):
     assert _nothing_loaded_since(loaded)
 
 
-def test_an_encoder_for_another_base_model_is_refused_first(stack, tiny_models, cat_image):
+def test_an_encoder_for_another_base_model_is_refused_first(stack, tiny_models, cat_image, tmp_path, monkeypatch):
+    """An encoder file from the Loader made for other sites: refused before anything is loaded, naming
+    the file, both fingerprints and the fix."""
     import comfy.model_management
+    import folder_paths
 
     nodes, patcher, clip, vae, clip_vision, _ = stack
     core = pack_module("datencoder_core")
     lora_config = core.LoRAConfig(targets=("attn2.to_k", "attn2.to_v"))
     sites = core.discover_sites(tiny_models.unet.named_modules(), lora_config.targets)
-    other = nodes.LoadedEncoder(core.DATEncoder(core.EncoderConfig(**TINY_ENCODER.to_dict()), lora_config, sites),
-                                "other@test")
+    encoder = core.DATEncoder(core.EncoderConfig(**TINY_ENCODER.to_dict()), lora_config, sites)
+    encoder_id = core.save_encoder(encoder, tmp_path / "other.safetensors", name="other")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "datencoder", ([str(tmp_path)], {".safetensors"}))
+    other = nodes.DATEncoderLoader.execute("other.safetensors").result[0]
     loaded = [m.model for m in comfy.model_management.current_loaded_models]
-    with pytest.raises(core.DATEncoderError, match=r"encoder other@test was made for another base model "
-                                                   r"\(fingerprint \w+\) than this MODEL \(fingerprint \w+, 96 LoRA"):
+    path = re.escape(str(tmp_path / "other.safetensors"))
+    with pytest.raises(core.DATEncoderError, match=rf"^the encoder {path} \({encoder_id}\) was made for another base "
+                                                   rf"model \(fingerprint \w+\) than this MODEL, which it is used "
+                                                   rf"with \(fingerprint \w+\)\. Use it with the SD1.x checkpoint "
+                                                   rf"it was made for"):
         with torch.inference_mode():
             nodes.DATEncoderPersonalize.execute(patcher, clip, vae, clip_vision, other, cat_image, 1, 2e-3, 0.25, 1, 0)
     assert _nothing_loaded_since(loaded)
@@ -185,6 +211,7 @@ def test_a_pretrained_encoder_loads_in_the_loader_and_personalizes(stack, tiny_p
     loaded = nodes.DATEncoderLoader.execute("pretrained.safetensors")
     encoder = loaded.result[0]
     assert encoder.encoder_id.startswith("datencoder-pretrained@")
+    assert loaded.ui == {"text": [f"encoder {encoder.encoder_id}"], "datencoder": [{"encoder_id": encoder.encoder_id}]}
     with torch.inference_mode():
         concept = nodes.DATEncoderPersonalize.execute(patcher, clip, vae, clip_vision, encoder, cat_image, 1, 2e-3,
                                                       0.25, 1, 0).result[0]

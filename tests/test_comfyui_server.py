@@ -83,6 +83,14 @@ def test_load_save_and_export_through_the_executor(server):
         "LoRA targets: attn1.to_q\n"
         "encoder: enc@1"]
     assert copy.tuning == TUNING and copy.lora_targets == ("attn1.to_q",)
+    # What code reads (the demo, the editor's extension): the nodes' structured ui record, through /history's JSON.
+    records = {node: output["datencoder"] for node, output in result.history["outputs"].items()}
+    assert records == {
+        "1": [{"token": "cat</w>", "token_id": 2368, "encoder_id": "enc@1", "tuning": TUNING.to_dict(),
+               "lora_targets": ["attn1.to_q"]}],
+        "2": [{"files": [str(base / "models" / "datencoder_concepts" / "copy.safetensors")], "saved": True}],
+        "3": [{"files": [str(base / "models" / folder / "cat.safetensors") for folder in ("loras", "embeddings")],
+               "saved": True}]}
 
 
 def test_load_concept_reads_a_concept_overwritten_by_save_concept(server):
@@ -151,13 +159,16 @@ def test_save_concept_never_fails_on_an_existing_name(server):
             "1": {"class_type": "DATEncoderLoadConcept", "inputs": {"concept_name": source}},
             "2": {"class_type": "DATEncoderSaveConcept", "inputs": {"concept": ["1", 0], "name": name,
                                                                     "overwrite": False}}}, timeout=60)
-        return run.history["outputs"]["2"]["text"][0]
+        output = run.history["outputs"]["2"]
+        [record] = output["datencoder"]
+        assert record["files"] == [output["text"][0].split(" ")[-1]]
+        return output["text"][0], record["saved"]
 
-    assert save("taken") == f"saved {concepts / 'taken_00001.safetensors'}"
-    assert save("taken_again") == f"saved {concepts / 'taken_again.safetensors'}"
+    assert save("taken") == (f"saved {concepts / 'taken_00001.safetensors'}", True)
+    assert save("taken_again") == (f"saved {concepts / 'taken_again.safetensors'}", True)
     stat = (concepts / "taken_again.safetensors").stat()
     assert save("taken_again", source="taken_00001.safetensors") == (
-        f"unchanged (same concept) {concepts / 'taken_again.safetensors'}")  # a new prompt, the same concept
+        f"unchanged (same concept) {concepts / 'taken_again.safetensors'}", False)  # a new prompt, the same concept
     assert (concepts / "taken_again.safetensors").stat().st_ino == stat.st_ino
     assert (concepts / "taken.safetensors").read_bytes() == b"keep"
 

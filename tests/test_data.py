@@ -1,12 +1,15 @@
-"""Pretraining data at scale (training.streams, training.shards, training.decode and the preparation
+"""Pretraining data at scale (training.data.streams, training.data.shards, training.data.decode and the preparation
 commands): shards read by 2 processes x 2 workers see every sample once per epoch, resume continues
-exactly, mixing weights hold, the OpenImages crop is the largest box with its class, every bad-image kind
-is converted or skipped and counted without stopping a run, and the refusals name the path.
+exactly, mixing weights hold, held-out images are never trained on, the OpenImages crop is the largest box
+with its class, every bad-image kind is converted or skipped and counted without stopping a run (alpha
+composited on white), an unreadable file is counted apart while a lost folder stops the run, and the
+refusals name the path.
 
 Images are made in code: image i is one flat colour that encodes i, so a batch row tells which image it
 came from after any crop and resize."""
 
 import csv
+import errno
 import io
 import json
 import shutil
@@ -21,11 +24,12 @@ import torch
 from PIL import Image
 
 from datencoder_core import DATEncoderError
+from datencoder_core.images import to_rgb
 from training.data import sources, streams
-from training.data.decode import decode_image
+from training.data.decode import EVENTS, decode_image, describe
+from training.data.shards import read_shard
 from training.make_shards import make_shards
 from training.prepare_openimages import prepare
-from training.data.shards import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +101,32 @@ def test_two_processes_x_two_workers_read_every_sample_once_per_epoch(shards):
     assert seen[0][:8] != seen[0][8:]
 
 
+def test_held_out_images_are_never_trained_on_when_streaming(shards):
+    """``training_data`` on shards, 2 processes x 2 workers, 16 steps of 6 (over 2 epochs of the 44 images
+    left to train on): the 4 held-out keys are excluded from every reader, so no held-out image ever comes
+    in a training batch, while every other image does."""
+    from training.pretrain.config import resolve_config
+
+    training = resolve_config("tiny", None, ("training.heldout_images=4", "training.batch_size=6", "training.steps=16",
+                                             "training.num_workers=2", "training.shuffle_buffer=4",
+                                             "training.min_image_side=8")).training
+    mix = sources.open_sources([f"{shards}/{{00000..00007}}.tar"])
+    assert mix.streaming
+    trained, held = [], []
+    for rank in (0, 1):
+        loader, images, _ = streams.training_data(mix, 8, training, rank, 2, 0, None)
+        held.append(identify(images))
+        trained += [i for batch in loader for i in identify(batch.images)]
+    assert held[0] == held[1] and len(set(held[0])) == 4
+    _, _, keys = streams.heldout(mix, 4, training.seed, 8, 8)
+    ids = {s["__key__"]: int(json.loads(s["json"])["path"].split("_")[-1].split(".")[0])
+           for i in range(8) for s in read_shard(shards / f"{i:05d}.tar")}
+    assert sorted(ids[k] for k in keys) == sorted(held[0])  # the excluded keys are the held-out images'
+    assert len(trained) == 16 * 6
+    assert not set(trained) & set(held[0]), sorted(set(trained) & set(held[0]))
+    assert set(trained) == set(range(48)) - set(held[0])
+
+
 def test_resume_mid_epoch_continues_without_repeats_or_gaps(shards):
     """Stopped after step 5 (odd: the other worker's turn) and resumed from the loader's state: the same
     batches as the straight run, across the epoch boundary (shuffle buffer 4 < a reader's 12 samples)."""
@@ -137,7 +167,7 @@ def _bad_images(root: Path) -> dict[str, int]:
     palette = Image.new("P", (40, 40), 0)
     palette.putpalette([255, 0, 0] * 256)
     palette.save(root / "palette.png")
-    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(root / "rgba.png")
+    Image.new("RGBA", (40, 40), (255, 0, 0, 128)).save(root / "rgba.png")  # half-transparent red
     Image.new("RGB", (5, 40), (1, 2, 3)).save(root / "tiny.png")
     whole = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, "JPEG")
@@ -158,7 +188,7 @@ def test_each_bad_image_kind_is_converted_or_skipped_and_counted(tmp_path):
         "palette": "converted_palette", "rgba": "converted_rgba", "tiny": "skipped_too_small",
         "truncated": "skipped_corrupt", "garbage": "skipped_corrupt", "notes": "skipped_not_an_image"}
     assert pixels["sixteen"].pixels[0, 0].tolist() == pytest.approx([0.5] * 3, abs=1e-4)  # not clipped to white
-    assert pixels["rgba"].pixels[0, 0].tolist() == [1.0] * 3  # transparent: white
+    assert pixels["rgba"].pixels[0, 0].tolist() == pytest.approx([1.0, 127 / 255, 127 / 255])  # on white
     assert pixels["palette"].pixels[0, 0].tolist() == [1.0, 0.0, 0.0]
     assert pixels["cmyk"].pixels[0, 0].tolist() == [1.0, 0.0, 0.0]
     assert pixels["grey"].pixels.shape == (40, 40, 3)
@@ -172,6 +202,92 @@ def test_each_bad_image_kind_is_converted_or_skipped_and_counted(tmp_path):
     shard = sources.ProcessShard(source, list(range(len(source))), 8, 0, 10, 0, 1, 0, 1, min_side=8)
     batch = shard.__getitems__(list(range(10)))
     assert batch.images.shape == (10, 8, 8, 3) and sum(batch.events.values()) >= sum(expected.values())
+
+
+def test_partial_alpha_is_composited_on_white_by_decode_and_to_rgb():
+    """rgb * a + (1 - a), for every alpha, in the training decoder (file bytes, RGBA and grey + alpha) and in
+    the nodes' ``to_rgb`` (IMAGE tensors): dropping alpha, or thresholding it, gives other numbers."""
+    alpha = np.linspace(0, 255, 40).round().astype(np.uint8)  # one alpha per column, 0 ... 255
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[..., :3], rgba[..., 3] = (200, 100, 0), alpha
+    rgba[0, 0], rgba[0, 1] = (255, 0, 0, 128), (0, 0, 0, 64)  # half-transparent red, quarter-opaque black
+    expected = rgba[..., :3] / 255 * (rgba[..., 3:] / 255) + (1 - rgba[..., 3:] / 255)
+    for mode, pixels, wanted in (("RGBA", rgba, expected),
+                                 ("LA", rgba[..., [0, 3]], np.repeat(expected[..., :1], 3, axis=-1))):
+        payload = io.BytesIO()
+        Image.fromarray(pixels, mode).save(payload, "PNG")
+        decoded = decode_image(payload.getvalue(), 8)
+        assert decoded.event == "converted_rgba", mode
+        np.testing.assert_allclose(decoded.pixels, wanted, atol=1e-6, err_msg=mode)
+    assert decoded.pixels[0, 0].tolist() == pytest.approx([1.0] * 3)  # grey 255 at alpha 128: white
+    np.testing.assert_allclose(expected[0, :2], [[1.0, 127 / 255, 127 / 255], [191 / 255] * 3], atol=1e-12)
+
+    images = torch.zeros(2, 8, 8, 4)
+    images[0, ..., :3], images[0, ..., 3] = torch.tensor([1.0, 0.0, 0.0]), 0.5
+    images[1, ..., :3], images[1, ..., 3] = torch.tensor([0.2, 0.4, 0.6]), 0.25
+    images[1, 0, 0, 3] = 0.0  # one fully transparent pixel: white
+    rgb = to_rgb(images)
+    assert rgb.shape == (2, 8, 8, 3)
+    torch.testing.assert_close(rgb[0, 3, 3], torch.tensor([1.0, 0.5, 0.5]))
+    torch.testing.assert_close(rgb[1, 3, 3], torch.tensor([0.8, 0.85, 0.9]))
+    torch.testing.assert_close(rgb[1, 0, 0], torch.tensor([1.0, 1.0, 1.0]))
+    np.testing.assert_allclose(to_rgb(torch.from_numpy(rgba / 255.0)[None].float())[0].numpy(), expected, atol=1e-6)
+
+
+def test_an_unreadable_file_is_reported_apart_and_a_lost_folder_stops_the_run(tmp_path, monkeypatch, caplog):
+    """An OSError reading one file (a network hiccup): it is skipped, counted as ``skipped_unreadable`` (not
+    as a bad image) and named in a warning, on both paths. When every read fails (a dropped mount) or the
+    folder itself is gone, the first batch raises, naming the folder: not after thousands of skipped files."""
+    root = image_folder(tmp_path / "photos", 40)
+    broken = root / "n00000001" / "img_5.png"
+    read_bytes, reads, every_read_fails = Path.read_bytes, [], []
+
+    def flaky_read_bytes(path: Path) -> bytes:  # the one read call the sources make, failing like a bad NFS read
+        reads.append(path)
+        assert len(reads) < 1000, "1000 failed reads and still reading: the run would skip files forever"
+        if path == broken or every_read_fails:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky_read_bytes)
+    assert "skipped_unreadable" in EVENTS
+    # the streaming path: two epochs of the folder, every good image in them, the broken one never
+    mix = sources.open_sources([f"{root}@1"])
+    caplog.set_level("WARNING", logger="datencoder.data")
+    batches = list(streams.StreamLoader(stream(mix, batch=39, block=100), 0, global_batch=39, steps=2))
+    events = sum((b.events for b in batches), Counter())
+    assert set(events) == {"skipped_unreadable"} and events["skipped_unreadable"] >= 1
+    ids = [i for b in batches for i in identify(b.images)]
+    assert 5 not in ids and set(ids) == set(range(40)) - {5}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and all(f"cannot read {broken}" in w and "skipped_unreadable" in w for w in warnings)
+    assert describe(events).startswith(f"unreadable {events['skipped_unreadable']} (")
+    assert describe(events + Counter(skipped_corrupt=2)).endswith("; skipped 2 (corrupt 2)")  # bad images apart
+    # the exact path: the broken image is replaced by the next that decodes, and counted as unreadable
+    source = sources.ConcatSource(mix.sources)
+    shard = sources.ProcessShard(source, list(range(40)), 8, 0, 40, 0, 1, 0, 1, min_side=8)
+    batch = shard.__getitems__(list(range(40)))
+    assert batch.events == Counter(skipped_unreadable=1) and 5 not in identify(batch.images)
+
+    every_read_fails.append(True)  # the mount dropped: each file read now fails, the folder is still there
+
+    def fresh():  # the folder opened again: no failed reads counted yet
+        return sources.open_sources([f"{root}@1"])
+
+    for name, read_a_batch in (("streaming", lambda: next(iter(stream(fresh(), batch=4)))),
+                               ("exact", lambda: sources.ProcessShard(sources.ConcatSource(fresh().sources),
+                                                                      list(range(40)), 8, 0, 4, 0, 1, 0, 1, 8)[0])):
+        reads.clear()
+        with pytest.raises(DATEncoderError, match=rf"--data {root}: cannot read .*16 files in a row could not be "
+                                                  rf"read: is its disk or network mount still there"):
+            read_a_batch()
+        assert len(reads) == sources.UNREADABLE_IN_A_ROW, name  # at once, not after skipping every file
+    every_read_fails.clear()
+    shutil.rmtree(root)  # the folder itself is gone: the first failed read stops
+    reads.clear()
+    with pytest.raises(DATEncoderError, match=rf"--data {root}: cannot read .*the folder itself is gone"):
+        next(iter(stream(mix, batch=4)))
+    assert len(reads) == 1
 
 
 def test_refusals_name_the_path(tmp_path):
@@ -262,8 +378,8 @@ def test_latent_cache_holds_the_latents_of_the_crops_training_reads(tmp_path, ti
     the streaming loader then yields the cached latents with the centre crops they were made from, and the
     objective's frozen half is the same with them as when it encodes the images itself."""
     from training.cache_latents import main as cache_latents
-    from training.pretrain.objective import PretrainingObjective
     from training.pretrain.config import resolve_config
+    from training.pretrain.objective import PretrainingObjective
 
     rng = np.random.default_rng(0)
     (tmp_path / "photos").mkdir()

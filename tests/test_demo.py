@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from datencoder_core import Concept, architecture_fingerprint, load_encoder
+from training.demo import MARKER, main, personalization_result, replace_output
 from training.headless import demo_models
-from training.demo import MARKER, main, replace_output
 
 QUICK = ["--set", "5.steps=2", "--set", "5.timesteps_per_step=1", "--set", "9.width=128", "--set", "9.height=128",
          "--set", "10.steps=2"]
@@ -36,6 +36,14 @@ def test_demo_runs_the_workflow_and_reports(demo_models_folder, tmp_path):
     assert report["nearest_word"] == concept.token and concept.encoder_id == encoder_id
     assert concept.base_fingerprint == architecture_fingerprint(encoder.sites, encoder.config.token_dim)
     assert len(concept.lora.down) == len(encoder.sites) == 42
+
+
+def test_the_report_reads_the_nodes_record_not_their_text():
+    """Personalize Concept's word and losses come from its structured ui record in /history; its text is
+    for people (here reworded, and the step texts are not in /history at all)."""
+    outputs = {"5": {"text": ["the concept is ready: cat"],
+                     "datencoder": [{"token": "cat</w>", "token_id": 2368, "encoder_id": "enc@1", "losses": [0.5, 0.25]}]}}
+    assert personalization_result(outputs, "5") == ("cat</w>", [0.5, 0.25])
 
 
 def test_demo_names_missing_model_files(tmp_path, capsys):

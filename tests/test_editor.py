@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from training.demo import PHOTO, write_photo
 from training.headless import demo_models
 from training.headless.comfyui import REPO, ComfyUIServer, comfyui_version
-from training.demo import PHOTO, write_photo
 
 CHROMIUM = Path("/usr/bin/chromium")
 # The network is closed: without these, Chromium stalls on first-run, sync and update requests.
@@ -94,9 +94,13 @@ class Editor:
             ?.widgets?.find(w => w.name === '{TEXT_WIDGET}')?.value ?? null""")
 
     def images_of(self, events: list[dict], node_type: str) -> list[dict]:
+        return self.outputs_of(events, node_type, "images")
+
+    def outputs_of(self, events: list[dict], node_type: str, key: str) -> list:
+        """The ``key`` entries of the ui outputs that the editor received for the node of ``node_type``."""
         node_id = self.page.evaluate(f"String(app.graph.nodes.find(n => n.type === {json.dumps(node_type)}).id)")
-        return [image for e in events if e["type"] == "executed" and e["node"] == node_id
-                for image in (e.get("output") or {}).get("images", [])]
+        return [entry for e in events if e["type"] == "executed" and e["node"] == node_id
+                for entry in (e.get("output") or {}).get(key, [])]
 
 
 def _workflow(name: str) -> dict:
@@ -153,6 +157,8 @@ def test_the_examples_load_and_run_twice_from_the_run_button(editor):
     assert nearest.startswith("nearest word: "), nearest
     saved = editor.server.base / "models" / "datencoder_concepts" / "my_concept.safetensors"
     assert editor.node_text("DATEncoderSaveConcept") == f"saved {saved}"
+    assert editor.outputs_of(editor.events(since), "DATEncoderSaveConcept", "datencoder") == [
+        {"files": [str(saved)], "saved": True}]  # what datencoder.js reads
     assert "</w>" not in nearest and editor.page.get_by_text(nearest).first.is_visible()  # drawn on the node
 
     since = editor.run()  # unchanged: the seed is fixed, so nothing is personalized again
@@ -176,6 +182,30 @@ def test_the_examples_load_and_run_twice_from_the_run_button(editor):
     assert len(editor.images_of(editor.events(since), "SaveImage")) == 2
     assert editor.node_text("DATEncoderLoadConcept").startswith(nearest + "\n")
     assert editor.node_text("DATEncoderExportConcept").startswith("saved ")
+
+
+def test_the_extension_refreshes_when_the_record_says_a_file_was_written(editor):
+    """datencoder.js reloads the node definitions after Save Concept or Export only when the node's ui
+    record says it wrote a file: it reads the record, never the text for people."""
+    outputs = [{"text": ["saved /models/x.safetensors"]},
+               {"text": ["..."], "datencoder": [{"files": ["/models/x.safetensors"], "saved": False}]},
+               {"text": ["..."], "datencoder": [{"files": ["/models/x.safetensors"], "saved": True}]}]
+    refreshes = {}
+    for workflow, node_type in (("personalize_and_generate", "DATEncoderSaveConcept"),
+                                ("save_and_reuse_concept", "DATEncoderExportConcept")):
+        editor.load(workflow)
+        refreshes[node_type] = editor.page.evaluate("""([type, outputs]) => {
+            const node = app.graph.nodes.find(n => n.type === type);
+            const refresh = app.refreshComboInNodes;
+            let calls = 0;
+            app.refreshComboInNodes = () => { calls += 1; };
+            try {
+                return outputs.map(output => { calls = 0; node.onExecuted(output); return calls; });
+            } finally {
+                app.refreshComboInNodes = refresh;
+            }
+        }""", [node_type, outputs])
+    assert refreshes == {"DATEncoderSaveConcept": [0, 0, 1], "DATEncoderExportConcept": [0, 0, 1]}
 
 
 def test_a_prompt_without_the_placeholder_is_refused_before_personalization(editor):

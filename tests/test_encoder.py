@@ -55,7 +55,7 @@ def test_encoder_trains_both_heads():
     """One optimiser step on a loss through v* and dW changes both heads' outputs."""
     sites = discover_sites(UNet2DConditionModel(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32,
                                                 attention_head_dim=8).named_modules(), LoRAConfig().targets)
-    config = EncoderConfig(clip_dim=32, unet_dim=64, token_dim=32, trunk_channels=32, feature_dim=64,
+    config = EncoderConfig(clip_dim=32, unet_dim=64, token_dim=32, trunk_channels=128, feature_dim=64,
                            hyper_bottleneck=16)
     enc = DATEncoder(config, LoRAConfig(), sites)
     inputs = torch.randn(2, 1 + 9, 32), torch.randn(2, 64, 4, 4)

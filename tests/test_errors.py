@@ -47,12 +47,6 @@ def test_wrong_concept_shapes():
                 1, "a", "f", "e", None, ("attn2.to_k",))
 
 
-def test_concept_for_another_base_model(concept_file):
-    with pytest.raises(DATEncoderError, match=r"cat.safetensors: this concept was made for another base model "
-                                              r"\(fingerprint tinyfingerprint0\); the loaded model's is abc"):
-        Concept.load(concept_file, expected_fingerprint="abc")
-
-
 def test_corrupt_and_truncated_files(concept_file, tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(concept_file.read_bytes()[:-100])
@@ -103,7 +97,7 @@ def test_encoder_for_another_unet(backend, cat_image):
 
     sd_like = build_random_models("tiny", seed=0)
     other = sd_like.random_encoder(LoRAConfig(targets=("attn2.to_k",)))
-    with pytest.raises(DATEncoderError, match="trained for other LoRA sites"):
+    with pytest.raises(DATEncoderError, match="the encoder enc@x was made for another base model"):
         personalize(backend, other, "enc@x", cat_image, TuningConfig(steps=0))
 
 

@@ -1,4 +1,4 @@
-"""Loading the user's model files for training (``training.loading``): the features the training side
+"""Loading the user's model files for training (``training.models.loading``): the features the training side
 computes from a file equal what Personalize Concept computes in ComfyUI from the same file and image,
 and each wrong file is refused with its name.
 
@@ -16,9 +16,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from training.headless.random_models import (comfy_model_from_diffusers, comfy_noise_prediction, comfy_vae_from_diffusers,
-                                   random_comfy_clip, random_comfy_clip_vision)
 from training.headless.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
+from training.headless.random_models import (comfy_model_from_diffusers, comfy_noise_prediction, comfy_vae_from_diffusers,
+                                             random_comfy_clip, random_comfy_clip_vision)
 
 from datencoder_core import DATEncoderError
 from training.models.loading import SD15_CONFIG, load_reference_models, load_vision_tower
@@ -296,3 +296,24 @@ def test_open_clip_and_transformers_files_give_the_same_tower(tmp_path):
         loaded = load_vision_tower(tmp_path / name, vision_model=TINY_VIT).state_dict()
         assert loaded.keys() == original.state_dict().keys(), name
         assert all(torch.equal(loaded[k], v) for k, v in original.state_dict().items()), name
+
+
+def test_every_command_takes_the_same_dtype_names():
+    """One table: ``--dtype bf16`` and ``--dtype bfloat16`` work in every command that has ``--dtype``."""
+    import subprocess
+    import sys
+
+    from training.models.loading import DTYPES
+
+    assert {DTYPES[a] for a in ("bf16", "bfloat16")} == {torch.bfloat16}
+    for command in ("training.evaluate", "training.cache_latents", "benchmarks.personalize"):
+        help_text = subprocess.run([sys.executable, "-m", command, "--help"], cwd=SD15_CONFIG.parents[3],
+                                   capture_output=True, text=True, check=True).stdout
+        assert "bf16" in help_text and "bfloat16" in help_text, command
+
+
+def test_the_tiny_preset_refuses_model_files(tmp_path):
+    from training.models.loading import load_models
+
+    with pytest.raises(DATEncoderError, match="drop --base/--clip-vision"):
+        load_models(tmp_path / "sd15.safetensors", None, tiny=True)

@@ -12,13 +12,13 @@ def _cos(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def _eq3_float64(v_all, vocab, k, tau, rows=None, exclude=()):
+def _eq3_float64(v_all, vocab, k, tau, exclude=()):
     """Eq. 3 written out term by term in float64, neighbours found by a Python sort among the rows of
-    ``vocab`` not in ``exclude``, negatives = all other rows of ``v_all``; averaged over ``rows`` (default: all)."""
+    ``vocab`` not in ``exclude``, negatives = all other rows of ``v_all``; averaged over all rows."""
     v_all, vocab = v_all.double(), vocab.double()
     candidates = [t for j, t in enumerate(vocab) if j not in exclude]
     losses = []
-    for i in rows if rows is not None else range(len(v_all)):
+    for i in range(len(v_all)):
         v = v_all[i]
         pos = sum(math.exp(s / tau) for s in sorted((_cos(v, t) for t in candidates), reverse=True)[:k])
         neg = sum(math.exp(_cos(v, w) / tau) for j, w in enumerate(v_all) if j != i)
@@ -34,13 +34,23 @@ def test_contrastive_loss_matches_eq3(k, tau):
     assert loss.item() == pytest.approx(_eq3_float64(v_star, vocab, k, tau), rel=1e-5)
 
 
-def test_contrastive_loss_with_gathered_negatives():
-    """The multi-GPU form: local rows 4..7 against all 8 gathered rows as negatives, self masked."""
+def test_contrastive_loss_over_a_gathered_batch():
+    """The multi-process form (training/pretrain/objective.py): Eq. 3 over all 8 gathered rows, where only
+    rows 4..7 are this process's live tensors, has the value of Eq. 3 over the 8 rows, and gives those rows
+    the gradient of the all-live loss. There is no separate list of negatives to pass."""
     g = torch.Generator().manual_seed(0)
     everything, vocab = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
-    gathered = nearest_neighbor_contrastive_loss(everything[4:], vocab, k=2, temperature=0.1, exclude=(),
-                                                 negatives=everything, self_index=torch.arange(4, 8))
-    assert gathered.item() == pytest.approx(_eq3_float64(everything, vocab, 2, 0.1, rows=range(4, 8)), rel=1e-5)
+    local = everything[4:].clone().requires_grad_(True)
+    gathered = nearest_neighbor_contrastive_loss(torch.cat([everything[:4], local]), vocab, k=2, temperature=0.1,
+                                                 exclude=())
+    assert gathered.item() == pytest.approx(_eq3_float64(everything, vocab, 2, 0.1), rel=1e-5)
+    gathered.backward()
+    live = everything.clone().requires_grad_(True)
+    nearest_neighbor_contrastive_loss(live, vocab, k=2, temperature=0.1, exclude=()).backward()
+    torch.testing.assert_close(local.grad, live.grad[4:])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'negatives'"):
+        nearest_neighbor_contrastive_loss(local, vocab, k=2, temperature=0.1, exclude=(), negatives=everything,
+                                          self_index=torch.arange(4, 8))
 
 
 def test_contrastive_loss_pulls_toward_nearest_tokens_and_apart():

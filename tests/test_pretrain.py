@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from datencoder_core import DATEncoder, DATEncoderError, discover_sites
 from datencoder_core.attention import DualPathState
 from datencoder_core.checkpoint import load_encoder, read_safetensors
-from training.pretrain import checkpoints
 from training.data.sources import ProcessShard, SkimagePhotos, split_heldout
+from training.pretrain import checkpoints
+from training.pretrain.config import resolve_config
 from training.pretrain.objective import PretrainingObjective
 from training.pretrain.train import main
-from training.pretrain.config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Short runs: no grids, the encoder gain only at the first and last step.
@@ -167,12 +167,62 @@ def test_ablation_switches_name_the_loss_terms(tiny_models, switch, expected):
         backend.remove()
 
 
-def test_dual_path_switch_sets_the_blend(tiny_models):
-    backend = tiny_models.backend()
+def test_dual_path_switch_off_trains_plain_lora_and_on_trains_eq5(tiny_models, monkeypatch):
+    """What the objective trains, not what it stores: with ``training.dual_path=false`` its noise prediction
+    and diffusion loss are plain LoRA's, rebuilt outside it (each row's W + dW merged into a copy of the
+    UNet, the soft prompt alone: Eq. 5 at a = 1); with the switch on they are Eq. 5 at ``alpha_blend`` =
+    0.25, which differ. The objective's predictions are recorded as the backend returns them."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from datencoder_core.losses import diffusion_loss
+    from datencoder_core.vocab import nearest_tokens
+
+    def merged_unet(lora):  # plain LoRA: W + scale * B @ A written into a copy's weights, diffusers' attention
+        unet = copy.deepcopy(tiny_models.unet)
+        unet.set_attn_processor(AttnProcessor2_0())
+        modules = dict(unet.named_modules())
+        for site, a in lora.down.items():
+            modules[site].weight += lora.scale * lora.up[site] @ a
+        return unet
+
+    on_config, off_config = resolve_config("tiny"), resolve_config("tiny", None, ("training.dual_path=false",))
+    backend = tiny_models.backend(off_config.lora)
+    predictions, predict_noise = [], backend.predict_noise
+
+    def recorded(*args):
+        predictions.append(predict_noise(*args))
+        return predictions[-1]
+
+    monkeypatch.setattr(backend, "predict_noise", recorded)
     try:
-        on = PretrainingObjective(backend, resolve_config("tiny"))
-        off = PretrainingObjective(backend, resolve_config("tiny", None, ("training.dual_path=false",)))
-        assert (on.alpha, off.alpha) == (0.25, 1.0)
+        encoder = tiny_models.random_encoder(off_config.lora, seed=1)
+        images, positions = _batch(tiny_models.image_size)
+        with torch.no_grad():
+            for head in encoder.hyper_head.up_heads.values():
+                torch.nn.init.normal_(head.weight, std=0.05)  # non-zero dW: the LoRA acts
+            on, off = (PretrainingObjective(backend, config)(encoder, images, positions, lambda v: v, 0, 1).terms
+                       for config in (on_config, off_config))
+            objective = PretrainingObjective(backend, off_config)  # only for its frozen half and prompts
+            noisy, clip_tokens, unet_features, draws = objective.encoder_inputs(images, positions)
+            out = encoder(clip_tokens, unet_features)
+            v_star = out.v_star.float()
+            tokens = nearest_tokens(v_star, objective.vocab, 1, backend.special_token_ids)[:, 0].tolist()
+            context = backend.encode_prompts([objective.prompts[i] for i in draws.templates], tokens, v_star)
+            plain = torch.cat([merged_unet(out.lora.row(i))(noisy[i:i + 1], draws.timesteps[i:i + 1],
+                                                            encoder_hidden_states=context[i:i + 1]).sample
+                               for i in range(len(images))])
+            hard = backend.encode_prompts([objective.prompts[i] for i in draws.templates], tokens)
+            eq5 = predict_noise(noisy, draws.timesteps, context, DualPathState(out.lora, 0.25, hard))
+        assert out.lora.squared_norms().min() > 0 and len(predictions) == 2
+        predicted_on, predicted_off = predictions
+        torch.testing.assert_close(predicted_off, plain, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(predicted_on, eq5, atol=1e-5, rtol=1e-4)
+        assert (predicted_on - predicted_off).abs().max() > 1e-3  # measured: 0.04, 4000x the tolerance above
+        assert off["diffusion"].item() == pytest.approx(diffusion_loss(plain, draws.noise).item(), rel=1e-5)
+        assert on["diffusion"].item() == pytest.approx(diffusion_loss(eq5, draws.noise).item(), rel=1e-5)
+        assert on["diffusion"] != off["diffusion"]
     finally:
         backend.remove()
 

@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from datencoder_core import DATEncoderError
 from datencoder_core.config import TuningConfig
 from datencoder_core.tuning import add_noise
+from datencoder_core.vocab import nearest_tokens
+from training.evaluate.concepts import load_photo
 from training.toyworld import world
 from training.toyworld.__main__ import main as toyworld_main
-from training.evaluate.concepts import load_photo
 from training.toyworld.build import REDUCED
-from datencoder_core.vocab import nearest_tokens
 from training.toyworld.models import WorldShapes, build_models, forget_unused_words, load_world_models, world_token_ids
 from training.toyworld.truth import AttributeNet, WorldTruth, fit_attributes
 
@@ -63,12 +63,16 @@ class _LinearHeads(nn.ModuleDict):
 def test_the_world_encoders_pooled_feature_keeps_appearance(reduced_run, trunk_channels):
     """At the world's shapes a random encoder's pooled feature h (what both heads read) still names a held-out
     scene's body colour (chance 1/6) by a linear probe; with one channel per GroupNorm group (trunk 32, the
-    broken width) the global mean cancels it and the probe sits near chance."""
+    broken width, which ``EncoderConfig`` now refuses: the check is bypassed here to show why) the global
+    mean cancels it and the probe sits near chance."""
     world_dir = reduced_run[1]
     models = load_world_models(world_dir / "sd", world_dir / "clip_vision.safetensors")
     if trunk_channels is not None:
-        models = dataclasses.replace(models, encoder_config=dataclasses.replace(models.encoder_config,
-                                                                                trunk_channels=trunk_channels))
+        with pytest.raises(DATEncoderError, match="GroupNorm"):
+            dataclasses.replace(models.encoder_config, trunk_channels=trunk_channels)
+        broken = dataclasses.replace(models.encoder_config)
+        object.__setattr__(broken, "trunk_channels", trunk_channels)  # past EncoderConfig's check
+        models = dataclasses.replace(models, encoder_config=broken)
     backend, encoder = models.backend(), models.random_encoder(seed=0)
     images, scenes, _ = world.render_dataset(1200, seed=5)
     generator = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-"""Inference-time tuning (Sec. 4.4) on the tiny reference stack."""
+"""Inference-time tuning (Sec. 4.4) on the tiny reference stack, and the encoder forward it shares with
+pretraining and its validation (``datencoder_core/forward.py``)."""
 
 import dataclasses
 
@@ -7,6 +8,10 @@ import torch
 from helpers import assert_unchanged, state_checksums
 
 from datencoder_core import DualPathState, TuningConfig, nearest_tokens, personalize
+import datencoder_core.forward
+from datencoder_core.forward import encoder_forward
+from datencoder_core.losses import diffusion_loss
+import datencoder_core.tuning
 from datencoder_core.tuning import add_noise, predict
 
 FAST = TuningConfig(steps=3)
@@ -51,15 +56,16 @@ def test_zero_steps_returns_the_encoder_prediction(backend, encoder, cat_image):
     one step already moves them."""
     config = TuningConfig(steps=0)
     concept = personalize(backend, encoder, "enc", cat_image, config)
-    expected = predict(backend, encoder, backend.encode_latents(cat_image), cat_image, config.encoder_timestep,
-                       torch.Generator().manual_seed(config.seed))
+    forward = predict(backend, encoder, backend.encode_latents(cat_image), cat_image, config.encoder_timestep,
+                      torch.Generator().manual_seed(config.seed))
+    expected = forward.prediction
     assert torch.equal(concept.v_star, expected.v_star[0])
     for site in expected.lora.down:
         assert torch.equal(concept.lora.down[site], expected.lora.down[site][0])
         assert torch.equal(concept.lora.up[site], expected.lora.up[site][0])
     assert concept.lora.scale == expected.lora.scale
-    assert concept.token_id == int(nearest_tokens(expected.v_star, backend.token_embeddings, 1,
-                                                  backend.special_token_ids)[0, 0])
+    assert concept.token_id == forward.token_ids[0] == int(nearest_tokens(expected.v_star, backend.token_embeddings, 1,
+                                                                        backend.special_token_ids)[0, 0])
     assert concept.token_id not in backend.special_token_ids
     assert concept.token == backend.decode_token(concept.token_id)
     tuned = personalize(backend, encoder, "enc", cat_image, dataclasses.replace(config, steps=1))
@@ -120,3 +126,111 @@ def test_half_precision_models_with_float32_trainables(cat_image):
     assert any(b.abs().sum() > 0 for b in concept.lora.up.values())
     # same encoder weights and seed: v* stays close to the float32 run despite bf16 models
     assert torch.allclose(concept.v_star, reference.v_star, atol=0.05)
+
+
+# The one encoder forward: pretraining, its validation and personalization all run forward.encoder_forward.
+
+def _trained_encoder(tiny_models):
+    """A random encoder with non-zero dW (the B heads moved off their zero init)."""
+    encoder = tiny_models.random_encoder(seed=1)
+    with torch.no_grad():
+        for head in encoder.hyper_head.up_heads.values():
+            torch.nn.init.normal_(head.weight, std=0.05)
+    return encoder
+
+
+def _held_out(backend, cat_image):
+    from training.pretrain.validation import held_out_draws
+
+    return held_out_draws(backend, cat_image, ["cat"], 2, seed=0)  # one image, two (t, noise) draws
+
+
+def test_pretraining_validation_and_personalization_run_the_one_encoder_forward(tiny_models, backend, cat_image,
+                                                                                 monkeypatch):
+    """Every encoder forward, wherever it runs, goes through ``forward.noised_features`` at the timesteps its
+    caller means (the rows' own in pretraining; the held-out ones and ``TuningConfig.encoder_timestep`` in
+    validation; ``encoder_timestep`` in personalization), and every noise prediction with a concept through
+    ``forward.concept_noise_prediction`` (one per pretraining batch, two per validation batch, one per
+    tuning step)."""
+    from training.pretrain.config import resolve_config
+    from training.pretrain.objective import PretrainingObjective
+    from training.pretrain.validation import encoder_gain
+
+    encoder, images = _trained_encoder(tiny_models), torch.cat([cat_image, cat_image.flip(2)])
+    positions = torch.arange(2)
+    objective = PretrainingObjective(backend, resolve_config("tiny"))
+    rows = objective.encoder_inputs(images, positions)[3].timesteps.tolist()  # the rows' own draws
+    encoder_timesteps, predictions = [], []
+    noised_features, concept_noise_prediction = (datencoder_core.forward.noised_features,
+                                                 datencoder_core.forward.concept_noise_prediction)
+    monkeypatch.setattr(datencoder_core.forward, "noised_features",
+                        lambda *a: encoder_timesteps.append(a[-1].tolist()) or noised_features(*a))
+    assert datencoder_core.tuning.concept_noise_prediction is concept_noise_prediction  # tune's, imported
+    for module in (datencoder_core.forward, datencoder_core.tuning):
+        monkeypatch.setattr(module, "concept_noise_prediction",
+                            lambda *a: predictions.append(a[5].tolist()) or concept_noise_prediction(*a))
+
+    objective(encoder, images, positions, lambda v: v, 0, 1)
+    assert encoder_timesteps == predictions == [rows]
+
+    encoder_timesteps.clear(), predictions.clear()
+    held_out = _held_out(backend, cat_image)
+    encoder_gain(backend, encoder, held_out, 0.25, 2, TuningConfig(encoder_timestep=123))
+    assert encoder_timesteps == [held_out.timesteps.tolist(), [123] * 2]
+    assert predictions == [held_out.timesteps.tolist()] * 2
+
+    encoder_timesteps.clear(), predictions.clear()
+    personalize(backend, encoder, "enc", cat_image, TuningConfig(steps=2, encoder_timestep=321))
+    assert encoder_timesteps == [[321]] and len(predictions) == 2 and all(len(t) == 4 for t in predictions)
+
+
+def test_the_objective_and_validation_predict_the_noise_of_the_core_forward(tiny_models, backend, cat_image,
+                                                                            monkeypatch):
+    """On the same inputs the objective's noise prediction and diffusion term, and validation's two losses
+    with the encoder, are ``encoder_forward``'s to the last bit."""
+    from training.pretrain.config import resolve_config
+    from training.pretrain.objective import PretrainingObjective
+    from training.pretrain.validation import GAIN_PROMPT, encoder_gain
+
+    encoder, images = _trained_encoder(tiny_models), torch.cat([cat_image, cat_image.flip(2)])
+    positions = torch.tensor([3, 8])
+    seen = []
+    predict_noise = backend.predict_noise
+    monkeypatch.setattr(backend, "predict_noise", lambda *a: seen.append(predict_noise(*a)) or seen[-1])
+    objective = PretrainingObjective(backend, resolve_config("tiny"))
+    terms = objective(encoder, images, positions, lambda v: v, 0, 1).terms
+    latents, draws = backend.encode_latents(images), objective.encoder_inputs(images, positions)[3]
+    with torch.no_grad():
+        core = encoder_forward(backend, encoder, images, latents, draws.noise, draws.timesteps,
+                               [objective.prompts[i] for i in draws.templates], objective.alpha)
+    assert torch.equal(seen[0], core.noise_pred)
+    assert torch.equal(terms["diffusion"], diffusion_loss(core.noise_pred, draws.noise))
+
+    held_out = _held_out(backend, cat_image)
+    gain = encoder_gain(backend, encoder, held_out, 0.25, 2, TuningConfig(encoder_timestep=700))
+    latents = backend.encode_latents(held_out.images)
+    prompts, t = [backend.prompt_ids(GAIN_PROMPT)] * 2, held_out.timesteps
+    with torch.no_grad():
+        as_trained = encoder_forward(backend, encoder, held_out.images, latents, held_out.noise, t, prompts, 0.25)
+        fixed_t = encoder_forward(backend, encoder, held_out.images, latents, held_out.encoder_noise,
+                                  torch.full_like(t, 700), prompts, 0.25, predict_at=(held_out.noise, t))
+    assert gain["loss_encoder"] == diffusion_loss(as_trained.noise_pred, held_out.noise).item()
+    assert gain["loss_encoder_fixed_t"] == diffusion_loss(fixed_t.noise_pred, held_out.noise).item()
+    # as at personalization: the image's two rows share one prediction, made at t = 700
+    assert torch.equal(fixed_t.prediction.v_star[0], fixed_t.prediction.v_star[1])
+    assert not torch.equal(as_trained.prediction.v_star[0], as_trained.prediction.v_star[1])
+
+
+def test_validation_uses_the_configured_encoder_timestep(tiny_models, backend, cat_image):
+    """Validation's personalization-style gain and its sample grid follow ``TuningConfig.encoder_timestep``
+    (a hard-coded 500 would give the same numbers and images for both settings); the gain as pretraining
+    runs the encoder does not depend on it."""
+    from training.pretrain.validation import encoder_gain, sample_grid
+
+    encoder, held_out = _trained_encoder(tiny_models), _held_out(backend, cat_image)
+    at = {t: encoder_gain(backend, encoder, held_out, 0.25, 2, TuningConfig(encoder_timestep=t)) for t in (500, 100)}
+    assert at[500]["encoder_gain"] == at[100]["encoder_gain"]
+    assert at[500]["encoder_gain_fixed_t"] != at[100]["encoder_gain_fixed_t"]
+    square = cat_image[:, :, 75:375]  # the grid's photos are the training crops, square
+    grids = [sample_grid(backend, encoder, square, 0.25, 2, 0, TuningConfig(encoder_timestep=t)) for t in (500, 100)]
+    assert not torch.equal(*grids)

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from datencoder_core import Concept, LoRAConfig, LoRAFactors, TuningConfig, architecture_fingerprint, load_encoder
+from training.demo import prepare_base_directory, use_demo_models
 from training.headless import demo_models
 from training.headless.comfyui import REPO, ComfyUIServer
-from training.demo import prepare_base_directory, use_demo_models
 
 WORKFLOWS = ["personalize_and_generate", "save_and_reuse_concept", "two_concepts"]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

@@ -7,7 +7,7 @@
 Beside each shard ``NAME.tar`` it writes ``NAME.latents.safetensors``: per sample key, the latent of the
 image's centre square crop at the base model's resolution (what ``DiffusersReferenceBackend.encode_latents``
 computes: the posterior mean times the scaling factor), in float16; its metadata holds the resolution
-and each crop's (top, left, side) in the decoded image. Images that do not decode (``training.decode``)
+and each crop's (top, left, side) in the decoded image. Images that do not decode (``training.data.decode``)
 get none. Written under a temporary name, renamed when complete; run again, it writes only the missing
 files. Training reads either: when every ``--data`` source has a complete cache it takes the latents and
 the same centre crops (no random crops or flips then), else it encodes as usual.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -26,14 +25,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from datencoder_core.atomic import atomic_write
 from datencoder_core.errors import DATEncoderError
-from datencoder_core.images import vae_preprocess
-from training.data.sources import square_crop
+from datencoder_core.reference import vae_latents
 from training.data.decode import decode_image
 from training.data.shards import ShardSource, cache_path
+from training.data.sources import square_crop
+from training.models.loading import DTYPES, load_vae
 
 logger = logging.getLogger("datencoder.cache_latents")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.no_grad()
@@ -43,8 +43,7 @@ def cache_shard(shard: Path, vae, image_size: int, min_side: int, batch: int) ->
 
     def flush():
         images = torch.stack([image for _, image in pending])
-        pixels = vae_preprocess(images, image_size).to(vae.device, vae.dtype)
-        encoded = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        encoded = vae_latents(vae, images, image_size)
         latents.update({key: row.to("cpu", torch.float16).contiguous() for (key, _), row in zip(pending, encoded)})
         pending.clear()
 
@@ -62,24 +61,9 @@ def cache_shard(shard: Path, vae, image_size: int, min_side: int, batch: int) ->
     if pending:
         flush()
     final = cache_path(shard)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    save_file(latents, str(tmp), metadata={"image_size": str(image_size), "crops": json.dumps(crops)})
-    os.replace(tmp, final)
+    with atomic_write(final) as tmp:
+        save_file(latents, str(tmp), metadata={"image_size": str(image_size), "crops": json.dumps(crops)})
     return len(latents)
-
-
-def load_vae(models: str, base: Path | None, device: str, dtype: torch.dtype):
-    """(VAE, resolution): SD1.x's from ``base``, or the tiny preset's random one."""
-    if models == "tiny":
-        from training.models.reference import build_random_models
-
-        built = build_random_models("tiny", seed=0)
-        return built.vae.to(device, dtype), built.image_size
-    from training.models.loading import IMAGE_SIZE, load_vae as load_sd_vae
-
-    if base is None:
-        raise DATEncoderError("--base (missing): pass the SD1.5 checkpoint whose VAE training will use")
-    return load_sd_vae(base, dtype=dtype, device=device), IMAGE_SIZE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = [shard for spec in args.data for shard in ShardSource(spec).shards]
     todo = [shard for shard in shards if not cache_path(shard).is_file()]
     logger.info("%d shards, %d cached already", len(shards), len(shards) - len(todo))
-    vae, image_size = load_vae(args.models, args.base, args.device, DTYPES[args.dtype])
+    vae, image_size = load_vae(args.base, tiny=args.models == "tiny", dtype=DTYPES[args.dtype], device=args.device)
     written = sum(cache_shard(shard, vae, image_size, args.min_image_side, args.batch)
                   for shard in tqdm(todo, unit="shard", desc="latents"))
     logger.info("%d latents written", written)

@@ -101,6 +101,14 @@ def prepare_base_directory(base: Path, models: Path, photo: str | None) -> None:
     (base / "extra_model_paths.yaml").write_text(f"models:\n  base_path: {models.resolve()}\n{folders}\n")
 
 
+def personalization_result(outputs: dict, node: str) -> tuple[str, list[float]]:
+    """The nearest word and the tuning losses of Personalize Concept ``node``, from the structured record
+    of its ``ui`` output in /history (``outputs[node]["datencoder"]``), never from its text, which is
+    for people."""
+    [record] = outputs[node]["datencoder"]
+    return record["token"], [float(loss) for loss in record["losses"]]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, help="your ComfyUI models folder (see above); default: the demo set")
@@ -150,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     outputs = run.history["outputs"]
     images = [str(args.output / image["subfolder"] / image["filename"])
               for node in outputs.values() for image in node.get("images", [])]
-    nearest = outputs[personalize_node]["text"][0].removeprefix("nearest word: ")
-    losses = [float(text.rsplit("loss", 1)[1]) for node, text in run.progress_texts
-              if node == personalize_node and text.startswith("step ")]
+    nearest, losses = personalization_result(outputs, personalize_node)
     report = {
         "models": "demo set (random weights)" if args.models is None else str(args.models),
         "image": args.image or "scikit-image chelsea (cat)", "device": device,

@@ -5,7 +5,7 @@
 
 Reading a few thousand large tar files instead of 1.28 M small ones is what network storage needs. The
 images go into the shards as they are (their bytes, not decoded again: bad ones are skipped at training,
-``training.decode``), in a seeded random order, so each shard holds many classes. Each sample:
+``training.data.decode``), in a seeded random order, so each shard holds many classes. Each sample:
 ``KEY.jpg`` (or the file's own extension), ``KEY.txt`` the class word (the first folder's name, or its
 name in ``--class-names``), ``KEY.json`` {"path", "class"}. Interrupted, the same command writes only the
 missing shards. Then: ``python -m training.pretrain --data "shards/imagenet/{00000..01280}.tar" ...``.
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from datencoder_core.errors import DATEncoderError
-from training.data.sources import ImageFolder
 from training.data.shards import read_class_names, sample_key, write_shards
+from training.data.sources import ImageFolder
 
 logger = logging.getLogger("datencoder.make_shards")
 

@@ -2,6 +2,8 @@
 // After Save Concept or Export writes a new file, reload the node definitions (what pressing R does), so
 // Load Concept, LoraLoader and the missing-model check know the new file without a manual refresh.
 // The server finds the file by itself: folder_paths re-lists a folder whose modification time changed.
+// The nodes' structured ui output (nodes.py's `shown`: output.datencoder = [{files, saved}]) says whether
+// a file was written; the text beside it is for people and may change.
 import { app } from "../../scripts/app.js";
 
 const WRITERS = new Set(["DATEncoderSaveConcept", "DATEncoderExportConcept"]);
@@ -13,7 +15,7 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);
-      if (output?.text?.[0]?.startsWith("saved ")) app.refreshComboInNodes();
+      if (output?.datencoder?.some((record) => record.saved)) app.refreshComboInNodes();
     };
   },
 });

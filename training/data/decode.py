@@ -8,6 +8,11 @@ not recognise (``not_an_image``), files that fail to decode, truncated ones incl
 images whose short side is below the minimum (``too_small``) and modes without a sensible RGB form
 (``unsupported_mode``, e.g. 32-bit float). Every event is named ``converted_<kind>`` or
 ``skipped_<reason>`` and counted by the loaders; training logs the counts (``data/...``).
+
+A file that could not be read at all (an ``OSError``: a dropped network mount, a disk error, a
+permission) is not a bad image: its source hands over ``Unreadable`` instead of bytes, it is counted as
+``skipped_unreadable`` and ``describe`` reports it apart, first. Whether the run goes on is the source's
+decision (``training.data.sources.ImageFolder``: skip one, stop when its folder is gone).
 """
 
 from __future__ import annotations
@@ -24,9 +29,17 @@ from training.data.shards import Cached
 
 EVENTS = ("converted_cmyk", "converted_16bit", "converted_grey", "converted_palette", "converted_rgba",
           "skipped_not_an_image", "skipped_corrupt", "skipped_too_small", "skipped_unsupported_mode",
-          "skipped_no_latent")  # the last: training on a latent cache, an image the cache has no latent for
+          "skipped_no_latent",  # training on a latent cache, an image the cache has no latent for
+          "skipped_unreadable")  # the file could not be read (OSError): not a bad image, reported apart
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I")
 WITH_ALPHA = ("RGBA", "LA", "PA")
+
+
+class Unreadable(NamedTuple):
+    """What a source yields instead of a file's bytes when reading the file raised ``OSError``."""
+
+    path: str
+    error: str  # the OSError, as str() gives it: "[Errno 5] Input/output error: '...'"
 
 
 class Decoded(NamedTuple):
@@ -34,9 +47,11 @@ class Decoded(NamedTuple):
     event: str | None  # "converted_<kind>", "skipped_<reason>", or None for a plain RGB image
 
 
-def decode_image(payload: bytes | np.ndarray | Cached, min_side: int) -> Decoded:
+def decode_image(payload: bytes | np.ndarray | Cached | Unreadable, min_side: int) -> Decoded:
     """The pixels of one image file's bytes (or of an already decoded (H, W, C) uint8 array, or of a
     cached shard sample's image), or the reason it is skipped. Never raises for bad data."""
+    if isinstance(payload, Unreadable):
+        return Decoded(None, "skipped_unreadable")
     if isinstance(payload, Cached):
         payload = payload.image
     if isinstance(payload, np.ndarray):
@@ -86,10 +101,15 @@ def _sized(pixels: np.ndarray, event: str | None, min_side: int, scaled: bool = 
 
 
 def describe(counts: Counter) -> str:
-    """'skipped 3 (corrupt 2, too_small 1); converted 1 (cmyk 1)' for the console."""
+    """'unreadable 1 (I/O errors, ...); skipped 3 (corrupt 2, too_small 1); converted 1 (cmyk 1)' for the
+    console: files that could not be read come first and apart from the bad images."""
     parts = []
+    if counts.get("skipped_unreadable"):
+        parts.append(f"unreadable {counts['skipped_unreadable']} (files that could not be read: I/O errors, "
+                     f"the warnings name them)")
     for kind in ("skipped", "converted"):
-        mine = {k.split("_", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith(kind + "_")}
+        mine = {k.split("_", 1)[1]: v for k, v in sorted(counts.items())
+                if k.startswith(kind + "_") and k != "skipped_unreadable" and v}
         if mine:
             parts.append(f"{kind} {sum(mine.values())} ({', '.join(f'{k} {v}' for k, v in mine.items())})")
     return "; ".join(parts) or "no bad images"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from datencoder_core.atomic import atomic_write
 from datencoder_core.errors import DATEncoderError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -130,9 +130,8 @@ def shard_path(out: Path, index: int) -> Path:
 def _write_shard(task) -> Counter:
     out, index, items, make_sample = task
     final = shard_path(out, index)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     counts = Counter(items=len(items))
-    with TarWriter(str(tmp), encoder=False, mtime=0) as writer:
+    with atomic_write(final) as tmp, TarWriter(str(tmp), encoder=False, mtime=0) as writer:
         for item in items:
             sample, event = make_sample(item)
             if event:
@@ -140,7 +139,6 @@ def _write_shard(task) -> Counter:
             if sample is not None:
                 writer.write(sample)
                 counts["written"] += 1
-    os.replace(tmp, final)
     return counts
 
 

@@ -3,12 +3,19 @@
 A source is a list of ``len(source)`` units, and ``read(unit)`` yields a unit's samples as (key, file
 bytes or uint8 array, class word or caption or ""): an image folder or ImageNet's class folders (a unit
 is one image), the photos scikit-image ships (the tiny preset), several of those concatenated, or
-WebDataset shards (a unit is a shard: ``training.shards``). Images are decoded by
-``training.decode``: bad ones are converted or skipped and counted, never fatal.
+WebDataset shards (a unit is a shard: ``training.data.shards``). Images are decoded by
+``training.data.decode``: bad ones are converted or skipped and counted, never fatal.
+
+A file of a folder that cannot be read (``OSError``) is not a bad image. One such file is skipped,
+counted apart (``skipped_unreadable``) and named in a warning; but when the folder itself is gone or
+unreachable, or ``UNREADABLE_IN_A_ROW`` files in a row fail, the run stops at once (``DATEncoderError``
+naming the folder and the last file): a dropped network mount or a dead disk fails every read, and
+skipping would only tell the user after thousands of skipped files (the streaming path, which draws
+until a batch is full, would never end). A shard that cannot be read stops the run (``training.data.shards``).
 
 ``--data SPEC[@WEIGHT]`` (repeatable) opens a source per SPEC: a folder, ``skimage``, or shards
 (``DIR/{00000..00099}.tar``). Folders alone, without weights, take the exact path below; shards or
-weights take the streaming path (``training.streams``), which mixes the sources by weight.
+weights take the streaming path (``training.data.streams``), which mixes the sources by weight.
 
 The order is a function of (seed, global position) only: epoch e = position // N reads the training
 images in a permutation seeded by (seed, e), and the crop and flip of each sample are seeded by
@@ -21,6 +28,7 @@ permutation that decodes (that image is then seen twice in the epoch), so the or
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datencoder_core.errors import DATEncoderError
 from datencoder_core.images import to_rgb
-from training.data.decode import Decoded, decode_image
+from training.data.decode import Decoded, Unreadable, decode_image
 from training.data.shards import ShardSource, is_shard_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -41,9 +49,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "retina", "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "clock", "logo")
 MIN_CROP = 0.7  # random square crops of 70-100% of the short side
+# Reads are in a seeded random order, so a few unreadable files (a bad sector, a wrong permission) almost
+# never come 16 in a row, while a failed mount or disk fails every read: it stops within one batch or two.
+UNREADABLE_IN_A_ROW = 16
+UNREADABLE_WARNINGS = 20  # per process (and loader worker): later unreadable files are counted, not named
+logger = logging.getLogger("datencoder.data")
 
 
-Raw = tuple[str, "bytes | np.ndarray", str]  # (key, file bytes or uint8 pixels, class word or "")
+Raw = tuple[str, "bytes | np.ndarray | Unreadable", str]  # (key, file bytes or uint8 pixels, class word or "")
 
 
 class ImageSource(Protocol):
@@ -60,7 +73,9 @@ class ImageSource(Protocol):
 class ImageFolder:
     """Every image under ``root``, in sorted path order. An image inside a sub-folder takes the first
     folder's name as its class word (ImageNet's class folders: the synset id, or its name where
-    ``class_names`` maps it); one directly in ``root`` has none."""
+    ``class_names`` maps it); one directly in ``root`` has none. A file that cannot be read is yielded
+    as ``Unreadable`` (skipped and counted) with a warning naming it, unless the folder looks gone: then
+    ``read`` raises (the module docstring says why)."""
 
     indexable = True
 
@@ -73,6 +88,7 @@ class ImageFolder:
         if not self.paths:
             raise DATEncoderError(f"--data {root}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}, "
                                   f"searched recursively)")
+        self.unreadable_in_a_row = self.warned = 0  # in this process (or loader worker)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -83,9 +99,32 @@ class ImageFolder:
         word = relative.parts[0] if len(relative.parts) > 1 else ""
         try:
             payload = path.read_bytes()
-        except OSError:
-            payload = b""  # unreadable file: skipped as not an image
+        except OSError as error:
+            payload = self._unreadable(path, error)
+        else:
+            self.unreadable_in_a_row = 0
         yield relative.as_posix(), payload, self.class_names.get(word, word)
+
+    def _unreadable(self, path: Path, error: OSError) -> Unreadable:
+        """Skip one file that cannot be read, with a warning naming it; raise if the folder is gone or
+        unreachable, or ``UNREADABLE_IN_A_ROW`` files in a row could not be read."""
+        self.unreadable_in_a_row += 1
+        try:
+            gone = not self.root.is_dir()
+        except OSError:  # a stale NFS handle, an I/O error on the folder itself
+            gone = True
+        if gone or self.unreadable_in_a_row >= UNREADABLE_IN_A_ROW:
+            found = ("the folder itself is gone or unreachable" if gone else
+                     f"{self.unreadable_in_a_row} files in a row could not be read")
+            raise DATEncoderError(f"--data {self.root}: cannot read {path} ({error}), and {found}: is its disk or "
+                                  f"network mount still there? Training stops rather than skip every image; "
+                                  f"make the folder readable and resume (--resume auto)")
+        self.warned += 1
+        if self.warned <= UNREADABLE_WARNINGS:
+            logger.warning("--data %s: cannot read %s (%s): skipped, counted as data/skipped_unreadable%s", self.root,
+                           path, error, "; further unreadable files are counted, not named" if
+                           self.warned == UNREADABLE_WARNINGS else "")
+        return Unreadable(str(path), str(error))
 
 
 class SkimagePhotos:

@@ -40,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datencoder_core.errors import DATEncoderError
-from training.data.sources import Batch, ImageSource, Mix, Raw, sample_seed, square_crop
 from training.data.decode import Decoded, decode_image
+from training.data.sources import Batch, ImageSource, Mix, Raw, sample_seed, square_crop
 
 logger = logging.getLogger("datencoder.data")
 HELDOUT = 2**32 - 1  # the held-out images' order: a seed no epoch reaches
@@ -218,7 +218,7 @@ def heldout(mix: Mix, n: int, seed: int, image_size: int, min_side: int) -> tupl
 def training_data(mix: Mix, image_size: int, training, rank: int, world: int, start_step: int,
                   resume: list[list[dict]] | None):
     """(loader of ``Batch``, held-out images (n, S, S, 3), their words) for this process: the exact folder
-    path (``training.data.ProcessShard``) or the streaming one. ``resume``: the checkpoint's data state,
+    path (``training.data.sources.ProcessShard``) or the streaming one. ``resume``: the checkpoint's data state,
     one list of worker positions per process (streaming only)."""
     from training.data import sources
 

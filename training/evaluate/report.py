@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from datencoder_core.atomic import atomic_write, atomic_write_text
 
 METRICS = ("dino", "clip_i_b32", "clip_t_b32", "clip_i_b16", "clip_t_b16")
 TIMINGS = ("personalization_s", "generation_s", "peak_gpu_bytes")
@@ -26,14 +26,6 @@ PUBLISHED_BACKBONE = "b32"
 PUBLISHED = {"DreamBooth (SD)": (0.803, 0.305, 0.668), "Textual Inversion": (0.780, 0.255, 0.569),
              "ELITE": (0.771, 0.293, 0.621), "BLIP-Diffusion (zero-shot)": (0.779, 0.300, 0.594),
              "IP-Adapter (SD1.5)": (0.813, 0.289, 0.667)}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def bootstrap_ci(values: list[float], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> list[float]:
@@ -93,11 +85,10 @@ def write_csv(summary: dict, path: Path) -> None:
             rows.append({"level": "concept", **base, **{k: r[k] for k in (*metrics, *TIMINGS)}})
             rows += [{"level": "prompt", **base, "category": p["category"], "template": p["template"],
                       **{m: p[m] for m in metrics}} for p in r["prompts"]]
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, header)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(f.name, path)
 
 
 def write_metrics(summary: dict, folder: Path) -> None:
@@ -132,7 +123,6 @@ def plot_tradeoff(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

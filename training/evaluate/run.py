@@ -42,15 +42,16 @@ from tqdm import tqdm
 
 from datencoder_core import (Concept, DATEncoderError, LoRAConfig, LoRAFactors, TuningConfig, load_encoder,
                              personalize, save_encoder, tune)
-from training.evaluate.concepts import (PROJECT_PROMPTS, ConceptSpec, Prompt, load_photo, read_concepts, read_prompts,
-                               write_tiny_concepts)
+from datencoder_core.atomic import atomic_write, atomic_write_text
+from training.evaluate.concepts import (PROJECT_PROMPTS, ConceptSpec, Prompt, load_photo, read_concepts,
+                                        read_prompts, write_tiny_concepts)
 from training.evaluate.metrics import (TINY, MetricArchitectures, MetricModels, Scorer, check_metric_files,
                                        write_random_metric_models)
-from training.evaluate.report import atomic_write_text, plot_tradeoff, summarize, write_metrics
+from training.evaluate.report import plot_tradeoff, summarize, write_metrics
 from training.evaluate.sampling import generate
+from training.models.loading import DTYPES, load_models
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="tuning seed and first sampling seed")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="of the frozen models")
     parser.add_argument("--tiny-metrics", action="store_true",
-                        help="the --metrics-models files hold training.metrics.TINY's architectures (a toy world)")
+                        help="the --metrics-models files hold training.evaluate.metrics.TINY's architectures (a toy world)")
     return parser
 
 
@@ -144,11 +145,17 @@ def check_inputs(args: argparse.Namespace, tuning: TuningConfig) -> tuple[list[C
     return concepts, prompts, [parse_variant(v, tuning) for v in args.variants]
 
 
+def word_embedding(backend, word: str) -> tuple[torch.Tensor, list[int]]:
+    """The one class-word rule: a word's embedding is the mean of its tokens' rows of the token-embedding
+    table (one token: its row). Returns it (D,) in float32 and the token ids."""
+    ids = backend.tokenizer(word, add_special_tokens=False).input_ids
+    return backend.token_embeddings[ids].float().mean(0), ids
+
+
 def scratch_concept(backend, lora_config: LoRAConfig, class_word: str, image: torch.Tensor,
                     config: TuningConfig) -> Concept:
     """The ``scratch`` baseline: ``tune`` from the class word's embedding and a LoRA with dW = 0."""
-    ids = backend.tokenizer(class_word, add_special_tokens=False).input_ids
-    v_start = backend.token_embeddings[ids].float().mean(0)
+    v_start, _ = word_embedding(backend, class_word)
     generator = torch.Generator().manual_seed(config.seed)
     down, up = {}, {}
     for site in backend.sites:
@@ -200,9 +207,8 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     from torchvision.utils import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(images.permute(0, 3, 1, 2), tmp, nrow=per_row)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_image(images.permute(0, 3, 1, 2), tmp, nrow=per_row)
 
 
 def check_resumable(path: Path, settings: dict) -> None:
@@ -220,14 +226,9 @@ def unit_path(output: Path, concept: str, variant: str) -> Path:
     return output / "units" / concept / f"{variant.replace(':', '_')}.json"
 
 
-def load_models(args: argparse.Namespace, device: torch.device):
-    if args.preset == "tiny":
-        from training.models.reference import build_random_models
-
-        return build_random_models("tiny").to(device)
-    from training.models.loading import load_reference_models
-
-    return load_reference_models(args.base, args.clip_vision, dtype=DTYPES[args.dtype], device=device)
+def _models(args: argparse.Namespace, device: torch.device):
+    return load_models(args.base, args.clip_vision, tiny=args.preset == "tiny", dtype=DTYPES[args.dtype],
+                       device=device)
 
 
 def main(argv: list[str] | None = None, scorers: Sequence[Scorer] = ()) -> dict | None:
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None, scorers: Sequence[Scorer] = ()) -> dict 
     args.output.mkdir(parents=True, exist_ok=True)
     models = None
     if args.preset == "tiny":  # its inputs are made with its models, so these load first
-        models = load_models(args, accelerator.device)
+        models = _models(args, accelerator.device)
         prepare_tiny_inputs(args, models, write=accelerator.is_main_process)
         accelerator.wait_for_everyone()
     concepts, prompts, variants = check_inputs(args, tuning)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None, scorers: Sequence[Scorer] = ()) -> dict 
     if accelerator.is_main_process:
         atomic_write_text(args.output / "settings.json", json.dumps(settings, indent=2))
 
-    models = models or load_models(args, accelerator.device)
+    models = models or _models(args, accelerator.device)
     backend = models.backend()
     encoder, encoder_id = load_encoder(args.encoder)
     encoder = encoder.to(accelerator.device)

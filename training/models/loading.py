@@ -1,4 +1,4 @@
-"""Load the model files users already have into ``training.models.ReferenceModels``, offline.
+"""Load the model files users already have into ``training.models.reference.ReferenceModels``, offline.
 
 * ``base``: an SD1.x single-file ``.safetensors`` checkpoint in the original LDM key layout
   (``v1-5-pruned-emaonly.safetensors``, what ComfyUI's ``models/checkpoints/`` holds), loaded with diffusers'
@@ -41,13 +41,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from datencoder_core import DATEncoderError, EncoderConfig
-from training.models.reference import ReferenceModels
+from training.models.reference import ReferenceModels, build_random_models
 
 log = logging.getLogger(__name__)
 
 SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
 VIT_H_14 = open_clip.get_model_config("ViT-H-14")  # {"embed_dim": 1024, "vision_cfg": {...}}, ships with open_clip
 IMAGE_SIZE = 512  # SD1.x's resolution, as Personalize Concept uses it
+# The frozen models' dtypes, by the names every command's --dtype takes (torch's and accelerate's spellings).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 LOADER_FILE = "loader.json"  # in a base folder that names its own loader (module docstring)
 
 # Keys of an SD1.x LDM checkpoint: the first cross-attention's key projection (its input width is the text
@@ -65,6 +68,17 @@ _PREFIXES = {"vision_model.embeddings.class_embedding": "class_embedding",
              "vision_model.encoder.layers.": "transformer.resblocks."}
 _LAYER_PARTS = {".layer_norm1.": ".ln_1.", ".layer_norm2.": ".ln_2.", ".self_attn.out_proj.": ".attn.out_proj.",
                 ".mlp.fc1.": ".mlp.c_fc.", ".mlp.fc2.": ".mlp.c_proj."}
+
+
+def load_models(base: Path | None, clip_vision: Path | None, *, tiny: bool, seed: int = 0,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ReferenceModels:
+    """A command's frozen models: the tiny preset's, built in code with ``seed`` (``tiny``), or the user's files
+    (``load_reference_models``)."""
+    if tiny:
+        if base or clip_vision:
+            raise DATEncoderError("the tiny preset builds random models in code; drop --base/--clip-vision")
+        return build_random_models("tiny", seed=seed).to(device, dtype)
+    return load_reference_models(base, clip_vision, dtype=dtype, device=device)
 
 
 def load_reference_models(base: Path, clip_vision: Path, *, dtype: torch.dtype = torch.float32,
@@ -235,11 +249,15 @@ def open_clip_state_from_transformers(state: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
-def load_vae(base: Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             config: Path = SD15_CONFIG):
-    """The VAE of an SD1.x checkpoint or diffusers folder (``training.cache_latents``)."""
-    base = Path(base)
-    if not base.exists():
-        raise DATEncoderError(f"{base} does not exist: expected the SD1.x checkpoint (.safetensors) or diffusers folder")
-    _check_sd1(base, config)
-    return _load_sd1(base, dtype, config).vae.eval().to(device)
+def load_vae(base: Path | None, *, tiny: bool, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu", config: Path = SD15_CONFIG):
+    """(VAE, resolution) for ``training.cache_latents``: the tiny preset's (``tiny``, seed 0, as
+    ``load_models``) or an SD1.x checkpoint's or diffusers folder's."""
+    if tiny:
+        models = load_models(base, None, tiny=True, dtype=dtype, device=device)
+        return models.vae, models.image_size
+    if base is None or not Path(base).exists():
+        raise DATEncoderError(f"--base {base or '(missing)'}: no such file; pass the SD1.x checkpoint "
+                              f"(.safetensors) or diffusers folder whose VAE training will use")
+    _check_sd1(Path(base), config)
+    return _load_sd1(Path(base), dtype, config).vae.eval().to(device), IMAGE_SIZE

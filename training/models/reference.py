@@ -24,7 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from datencoder_core import DATEncoder, EncoderConfig, LoRAConfig, discover_sites
 from datencoder_core.reference import DiffusersReferenceBackend
 
-TINY_ENCODER = EncoderConfig(clip_dim=32, unet_dim=64, token_dim=32, trunk_channels=32, trunk_blocks=1,
+# trunk 128: 4 channels in each of the trunk's 32 GroupNorm groups, the fewest EncoderConfig accepts.
+TINY_ENCODER = EncoderConfig(clip_dim=32, unet_dim=64, token_dim=32, trunk_channels=128, trunk_blocks=1,
                              feature_dim=64, hyper_bottleneck=16)
 
 

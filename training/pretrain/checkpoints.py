@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from datencoder_core.atomic import atomic_write_text
 from datencoder_core.checkpoint import (ENCODER_FORMAT, ENCODER_FORMAT_VERSION, load_encoder, read_safetensors,
                                         save_encoder)
 from datencoder_core.encoder import DATEncoder
@@ -35,7 +36,7 @@ EXPORTED = "datencoder.safetensors"
 class TrainState:
     """The run's position, saved with every checkpoint (``accelerator.register_for_checkpointing``): the
     step, from which the folder path's data position follows (``training.data``), and the streaming
-    path's read positions, one list of worker positions per process (``training.streams``)."""
+    path's read positions, one list of worker positions per process (``training.data.streams``)."""
 
     def __init__(self):
         self.step = 0
@@ -98,9 +99,7 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
 
 def write_run(output_dir: Path, run: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".config.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(run, indent=2, sort_keys=True))
-    os.replace(tmp, output_dir / "config.json")
+    atomic_write_text(output_dir / "config.json", json.dumps(run, indent=2, sort_keys=True))
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int) -> Path:

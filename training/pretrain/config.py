@@ -3,22 +3,24 @@
 A run is configured by a preset (``default``: the paper's final model, ``ablation``: its 50,000-step
 ablations, ``tiny``: the CPU quick check), then ``--config FILE`` (TOML or YAML, one table per section:
 ``[training]``, ``[loss]``, ``[encoder]``, ``[lora]``), then each ``--set section.field=value`` (the value
-is read as a TOML value: ``--set training.lr=3e-4``, ``--set training.dual_path=false``). The resolved
-config is written to the output folder and into the exported encoder file.
+is read for the field's declared type, see ``_parse_value``: ``--set training.lr=3e-4``, ``--set
+training.dual_path=no``). Every value, from a file or ``--set``, must have its field's type: an int field
+refuses ``1e3`` (a float), a bool field refuses the string ``"no"`` in a file. The resolved config is written
+to the output folder and into the exported encoder file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from datencoder_core.config import EncoderConfig, LoRAConfig, LossConfig, _require, _Serializable
+from datencoder_core.config import EncoderConfig, LoRAConfig, LossConfig, _require, _Serializable, _typed
 from datencoder_core.errors import DATEncoderError
 from training.models.reference import TINY_ENCODER
 
@@ -62,7 +64,7 @@ class TrainingConfig(_Serializable):
     sample_steps: int = 25  # DDIM steps per generated image
     num_workers: int = 4  # data-loading workers per process
     min_image_side: int = 128  # smaller images are skipped (upscaled 4x to 512 px they are mostly blur)
-    shuffle_buffer: int = 1_000  # shards and mixes: samples per shuffled block of each reader (training.streams)
+    shuffle_buffer: int = 1_000  # shards and mixes: samples per shuffled block of each reader (training.data.streams)
     seed: int = 0
 
     def __post_init__(self):
@@ -131,18 +133,20 @@ def resolve_config(preset: str, config_file: Path | None = None, overrides: tupl
             if section not in data or not isinstance(values, dict):
                 raise DATEncoderError(f"{config_file}: unknown section {section!r}; expected tables "
                                       f"{sorted(data)} (e.g. [training] with steps = 1000)")
-            data[section].update(values)
+            hints = typing.get_type_hints(_SECTIONS[section])
+            for name, value in values.items():
+                if name in hints:  # an unknown name is left for from_dict to refuse
+                    value = _typed(f"{config_file}: {section}.{name}", hints[name], value)
+                data[section][name] = value
     for override in overrides:
         key, sep, text = override.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or section not in data or name not in data[section]:
             raise DATEncoderError(f"--set {override!r}: expected section.field=value with section in "
                                   f"{sorted(data)} and a field of it, e.g. --set training.lr=3e-4")
-        data[section][name] = _parse_value(text.strip(), data[section][name])
-    try:
-        return PretrainConfig.from_dict(data)
-    except TypeError as error:
-        raise DATEncoderError(f"config: {error}") from None
+        hint = typing.get_type_hints(_SECTIONS[section])[name]
+        data[section][name] = _typed(f"--set {section}.{name}", hint, _parse_value(text.strip(), hint))
+    return PretrainConfig.from_dict(data)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -158,16 +162,17 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     raise DATEncoderError(f"--config {path}: expected a .toml, .yaml or .yml file")
 
 
-def _parse_value(text: str, current: Any) -> Any:
-    """A TOML value (numbers, true/false, ["lists"]); anything else is a string. Ints widen to floats."""
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _parse_value(text: str, hint: Any) -> Any:
+    """The ``--set`` text for a field declared ``hint``: for a bool, true/false/yes/no/1/0 in any case; for a
+    str, the text itself (or a quoted TOML string); else a TOML value (numbers, ["lists"]). Text that is none of
+    these is returned as is, for ``_typed`` to refuse with the field's name and type."""
+    if hint is bool:
+        return _BOOLS.get(text.lower(), text)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    return value
-
-
-def config_json(config: PretrainConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+        return text
+    return text if hint is str and not isinstance(value, str) else value

@@ -7,6 +7,9 @@ timestep and noise. For a row with image I, latent z_0, timestep t and noise eps
     L = ||eps - eps_theta(z_t, t, C(v*), C_h; W + dW, a)||^2       Eq. 1 with the dual path of Eq. 5
         + w_c L_c(v*)  + w_e ||v*||^2  + w_W sum_l ||dW_l||_F^2     Eq. 3, Eq. 4, Sec. 4.1
 
+The forward up to eps_theta is ``datencoder_core.forward.encoder_forward``, the one that validation and
+personalization run.
+
 The embedding regularization is an ablation switch (paper Fig. 4): ``none`` drops Eq. 3 and 4,
 ``l2`` keeps Eq. 4, ``nearest`` replaces Eq. 3 by the cosine distance to the nearest token (VQGAN's
 code-book loss), ``contrastive`` is the paper's. ``dual_path = False`` runs the soft path alone (a = 1);
@@ -29,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datencoder_core.attention import DualPathState
 from datencoder_core.encoder import DATEncoder
+from datencoder_core.forward import encoder_forward, noised_features
 from datencoder_core.losses import diffusion_loss, embedding_l2_loss, nearest_neighbor_contrastive_loss
 from datencoder_core.reference import DiffusersReferenceBackend
-from datencoder_core.tuning import add_noise
 from datencoder_core.vocab import nearest_tokens
 
 from training.data.sources import sample_seed
@@ -76,33 +78,31 @@ class PretrainingObjective:
         self.alpha = self.training.alpha_blend if self.training.dual_path else 1.0
 
     @torch.no_grad()
-    def encoder_inputs(self, images: Tensor, positions: Tensor,
-                       latents: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Draws]:
-        """The frozen half: noisy latents (b, 4, h, w), CLIP tokens and UNet mid features at them, draws.
-        ``latents``: the images' latents from the latent cache (``training.cache_latents``); None: encoded here."""
+    def _latents_and_draws(self, images: Tensor, positions: Tensor,
+                           latents: Tensor | None = None) -> tuple[Tensor, Draws]:
+        """The batch's latents (b, 4, h, w) and its rows' draws. ``latents``: the images' latents from the
+        latent cache (``training.cache_latents``); None: encoded here."""
         backend = self.backend
         latents = backend.encode_latents(images) if latents is None else latents.to(backend.device, backend.vae.dtype)
         draws = draw(positions, tuple(latents.shape[1:]), self.training.seed, len(self.prompts),
                      len(backend.alphas_cumprod))
-        timesteps, noise = draws.timesteps.to(latents.device), draws.noise.to(latents)
-        noisy = add_noise(latents, noise, timesteps, backend.alphas_cumprod)
-        clip_tokens, unet_features = backend.image_features(images, noisy, timesteps)
-        return noisy, clip_tokens.float(), unet_features.float(), draws
+        return latents, draws
+
+    def encoder_inputs(self, images: Tensor, positions: Tensor,
+                       latents: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Draws]:
+        """The frozen half of ``__call__``'s forward (``forward.noised_features``): noisy latents
+        (b, 4, h, w), CLIP tokens and UNet mid features at them, and the draws."""
+        latents, draws = self._latents_and_draws(images, positions, latents)
+        return (*noised_features(self.backend, images, latents, draws.noise, draws.timesteps), draws)
 
     def __call__(self, encoder: DATEncoder, images: Tensor, positions: Tensor, gather: Gather, rank: int,
                  world: int, latents: Tensor | None = None) -> LossOutput:
         backend, loss_config, training = self.backend, self.config.loss, self.training
-        noisy, clip_tokens, unet_features, draws = self.encoder_inputs(images, positions, latents)
-        out = encoder(clip_tokens, unet_features)
-        v_star = out.v_star.float()  # (b, D)
-        nearest_ids = nearest_tokens(v_star, self.vocab, 1, backend.special_token_ids)[:, 0]  # (b,)
-        token_ids = nearest_ids.tolist()
-        prompts = [self.prompts[i] for i in draws.templates]
-        context = backend.encode_prompts(prompts, token_ids, v_star)
-        with torch.no_grad():
-            hard_context = backend.encode_prompts(prompts, token_ids)
-        state = DualPathState(out.lora, self.alpha, hard_context)
-        noise_pred = backend.predict_noise(noisy, draws.timesteps.to(noisy.device), context, state)
+        latents, draws = self._latents_and_draws(images, positions, latents)
+        forward = encoder_forward(backend, encoder, images, latents, draws.noise, draws.timesteps,
+                                  [self.prompts[i] for i in draws.templates], self.alpha)
+        out, noise_pred = forward.prediction, forward.noise_pred
+        v_star = out.v_star  # (b, D) float32
         terms = {"diffusion": diffusion_loss(noise_pred, draws.noise.to(noise_pred.device))}
         weighted = {"diffusion": terms["diffusion"]}
 
@@ -112,7 +112,7 @@ class PretrainingObjective:
             terms["embedding_l2"] = embedding_l2_loss(v_star)
             weighted["embedding_l2"] = loss_config.embedding_l2_weight * terms["embedding_l2"]
         if regularization == "nearest":
-            nearest = self.vocab[nearest_ids]
+            nearest = self.vocab[torch.tensor(forward.token_ids, device=self.vocab.device)]
             terms["nearest"] = (1 - F.cosine_similarity(v_star, nearest, dim=-1)).mean()
             weighted["nearest"] = loss_config.contrastive_weight * terms["nearest"]
         if regularization == "contrastive":

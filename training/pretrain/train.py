@@ -8,8 +8,8 @@
 
 The skeleton is diffusers' ``examples/text_to_image/train_text_to_image_lora.py``: frozen backbones in
 the training dtype, only the encoder trained, ``accelerator.save_state`` checkpoints with a total limit
-and resume from the newest, trackers and validation. The loss is ``training.objective``, the data
-``training.data``, the watching ``training.validation``, the output folder ``training.checkpoints``.
+and resume from the newest, trackers and validation. The loss is ``training.pretrain.objective``, the data
+``training.data``, the watching ``training.pretrain.validation``, the output folder ``training.pretrain.checkpoints``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from datencoder_core.checkpoint import load_encoder
 from datencoder_core.encoder import DATEncoder
 from datencoder_core.errors import DATEncoderError
 from training.data import sources, streams
-from training.pretrain import checkpoints, validation
 from training.data.decode import EVENTS, describe
-from training.pretrain.objective import PretrainingObjective
+from training.models.loading import load_models
+from training.pretrain import checkpoints, validation
 from training.pretrain.config import PRESETS, PretrainConfig, resolve_config
+from training.pretrain.objective import PretrainingObjective
 
 check_min_version("0.30.0")
 logger = logging.getLogger("datencoder.pretrain")
@@ -79,16 +80,6 @@ def describe_run(args: argparse.Namespace, config: PretrainConfig) -> tuple[dict
     return run, mix
 
 
-def load_models(config: PretrainConfig, args: argparse.Namespace, device, dtype):
-    if config.training.models == "tiny":
-        from training.models.reference import build_random_models
-
-        return build_random_models("tiny", seed=config.training.seed).to(device, dtype)
-    from training.models.loading import load_reference_models
-
-    return load_reference_models(args.base, args.clip_vision, dtype=dtype, device=device)
-
-
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     config = resolve_config(args.preset, args.config, tuple(args.set))
@@ -107,7 +98,8 @@ def main(argv: list[str] | None = None) -> Path:
         checkpoints.write_run(output_dir, run)
 
     weight_dtype = torch.bfloat16 if training.mixed_precision == "bf16" else torch.float32
-    models = load_models(config, args, accelerator.device, weight_dtype)  # frozen, in the training dtype
+    models = load_models(args.base, args.clip_vision, tiny=training.models == "tiny", seed=training.seed,
+                         dtype=weight_dtype, device=accelerator.device)  # frozen, in the training dtype
     backend = models.backend(config.lora)
     if training.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
@@ -218,7 +210,7 @@ def _scalars(config: PretrainConfig) -> dict:
 
 
 class _DataEvents:
-    """Bad images met by every process since the run (re)started, per kind (``training.decode``): logged
+    """Bad images met by every process since the run (re)started, per kind (``training.data.decode``): logged
     as ``data/<kind>`` and, when they change, to the console."""
 
     def __init__(self, accelerator):

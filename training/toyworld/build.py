@@ -5,7 +5,7 @@ A world folder (``world_folder``: under the cache, named by the budget and this 
     sd/                        the world's "SD1.5" (diffusers folder, training.toyworld.models)
     clip_vision.safetensors    its vision tower (open_clip keys)
     truth.safetensors          the ground-truth classifier (training.toyworld.truth)
-    metrics_models/            random tiny DINO/CLIP files (training.metrics.TINY): evaluate computes
+    metrics_models/            random tiny DINO/CLIP files (training.evaluate.metrics.TINY): evaluate computes
                                those metrics too, but on this world only truth_* mean anything
     pretraining_images/        --data for training.pretrain (held-out appearances left out)
     concepts/                  --concepts for training.evaluate (held-out appearances)

@@ -23,6 +23,7 @@ import torch
 
 from datencoder_core import LoRAConfig, LoRAFactors
 from training.evaluate.concepts import load_photo
+from training.evaluate.run import word_embedding
 from training.evaluate.sampling import ConceptPrediction, generate
 from training.toyworld import world
 from training.toyworld.models import load_world_models
@@ -49,8 +50,8 @@ def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int =
                           {s.name: torch.zeros(s.out_features, 1) for s in backend.sites}, 1.0)
 
     def shape_word(shape: str) -> ConceptPrediction:
-        token = backend.tokenizer(shape, add_special_tokens=False).input_ids[0]
-        return ConceptPrediction(backend.token_embeddings[token].float(), no_lora, token)
+        embedding, (token,) = word_embedding(backend, shape)  # every shape is one token of the world's vocabulary
+        return ConceptPrediction(embedding, no_lora, token)
 
     def sample(word: ConceptPrediction, text: str) -> torch.Tensor:
         return generate(backend, word, text, list(range(images_per_prompt)), alpha=0.0, steps=sampling_steps,

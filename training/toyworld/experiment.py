@@ -1,8 +1,8 @@
 """The toy world's experiment: pretrain encoders and evaluate them with the project's own CLIs.
 
-``pretrain`` runs ``training.pretrain.main`` on the world (``--base DIR/sd --clip-vision ... --data
+``pretrain`` runs ``training.pretrain.train.main`` on the world (``--base DIR/sd --clip-vision ... --data
 DIR/pretraining_images --config FILE``), once per embedding regularization of claim 3 (the paper's
-``contrastive``, and ``none``); ``evaluate`` runs ``training.evaluate.main`` per encoder and seed with the
+``contrastive``, and ``none``); ``evaluate`` runs ``training.evaluate.run.main`` per encoder and seed with the
 world's concepts, prompts and ground-truth scorer (``WorldTruth``). Both are skipped where their results are on disk
 (an exported encoder, a ``metrics.json``), so a rerun only does what is missing. ``run`` does the two
 pretrainings, then every evaluation, up to ``jobs`` at a time in processes of one torch thread each: on

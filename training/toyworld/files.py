@@ -2,7 +2,7 @@
 
 * ``write_pretraining_images``: an image folder for ``python -m training.pretrain --data DIR`` (one
   sub-folder per shape, so each image's class word is its shape), of appearances that are NOT held out.
-* ``write_concepts``: a ``--concepts`` folder for ``python -m training.evaluate`` (``training.concepts``):
+* ``write_concepts``: a ``--concepts`` folder for ``python -m training.evaluate`` (``training.evaluate.concepts``):
   one folder per held-out concept, its photos (the first is the input, in a random context) and its
   ``concept.json`` with the ground truth ``truth.WorldTruth`` scores against.
 """

@@ -1,9 +1,9 @@
 """The toy world's "SD1.5": a VAE, a CLIP text encoder and a text-to-image UNet with SD1.x's structure at
 tiny shapes, trained from scratch on the world (``training.toyworld.world``) on a CPU, plus a random-frozen
-open_clip vision tower; and the loader that makes them ``training.models.ReferenceModels``.
+open_clip vision tower; and the loader that makes them ``training.models.reference.ReferenceModels``.
 
 Files in a world folder (what ``python -m training.pretrain --base DIR/sd --clip-vision DIR/clip_vision.safetensors``
-and ``training.evaluate`` read, through ``training.loading``):
+and ``training.evaluate`` read, through ``training.models.loading``):
 * ``sd/``: a diffusers ``StableDiffusionPipeline`` folder (unet, vae, text_encoder, tokenizer, scheduler);
   the tokenizer is SD1.x's own (``training/models/configs/sd15/tokenizer``), the scheduler SD1.x's.
 * ``clip_vision.safetensors``: the vision tower in open_clip's keys (``visual.*``), the world's CLIP image
@@ -66,7 +66,7 @@ class WorldShapes:
     vision_patch: int = 4  # 8x8 CLIP tokens at 32 px
 
     def vision_model(self) -> dict:
-        """open_clip's model-config shape for ``training.loading.load_vision_tower``."""
+        """open_clip's model-config shape for ``training.models.loading.load_vision_tower``."""
         return {"embed_dim": self.text_width, "vision_cfg": {"layers": self.vision_layers, "width": self.vision_width,
                                                              "head_width": 16, "patch_size": self.vision_patch,
                                                              "image_size": self.image_size}}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.evaluate.report import atomic_write_text
+from datencoder_core.atomic import atomic_write_text
 from training.toyworld.claims import Claim, Results
 from training.toyworld.truth import METRICS
 

@@ -11,8 +11,8 @@ generated image of a concept and a prompt (``WorldTruth.score``, mean over the i
 * ``truth_editability``: the probability of the prompt's context (chance 0.25);
 * ``truth_shape``: the probability of the concept's shape (its class word; chance 1/6).
 
-``python -m training.evaluate --truth FILE`` adds these beside CLIP and DINO; the concept's attributes come
-from its ``concept.json`` (``"appearance": [body, pattern colour, pattern]``) and the prompt's context from
+``WorldTruth``, a ``training.evaluate.metrics.Scorer``, adds these beside CLIP and DINO (the toy world's
+experiment passes it to ``training.evaluate.run.main``); the concept's attributes come from its ``concept.json`` (``"appearance": [body, pattern colour, pattern]``) and the prompt's context from
 the context phrase in its text (``world.CONTEXTS``).
 """
 
@@ -98,13 +98,13 @@ def fit_attributes(model: nn.Module, data: Renders, test: Renders, steps: int, b
 
 def train_truth(path: Path, steps: int, seed: int, batch_size: int = 64) -> dict[str, float]:
     """Train ``AttributeNet`` on fresh renders, blurred and noised (``_degrade``), and save it to ``path``; returns
-    its held-out accuracy per head (also written into the file's metadata)."""
+    its held-out accuracy per head."""
     torch.manual_seed(seed)
     net = AttributeNet()
     data = world.render_dataset(steps * batch_size // 4, seed + 7)[:2]  # each image seen about 4 times
     test = world.render_dataset(1000, seed + 8)[:2]
     accuracy = fit_attributes(net, data, test, steps, batch_size, seed, "ground-truth classifier", _degrade)
-    save_file(net.state_dict(), path, metadata={"accuracy": json.dumps(accuracy)})
+    save_file(net.state_dict(), path)
     log.info("ground-truth classifier: held-out accuracy %s", accuracy)
     return accuracy
 
@@ -126,7 +126,7 @@ class WorldTruth:
         try:
             self.net.load_state_dict(load_file(str(path)))
         except (OSError, RuntimeError) as error:
-            raise DATEncoderError(f"--truth {path}: expected the toy world's attribute classifier "
+            raise DATEncoderError(f"{path}: expected the toy world's attribute classifier "
                                   f"(training/toyworld/truth.py, written by python -m training.toyworld): {error}") from None
         self.net.eval()
 
@@ -141,8 +141,8 @@ class WorldTruth:
     def score(self, generated: Tensor, concept_folder: Path, prompt_text: str) -> dict[str, float]:
         meta = json.loads((Path(concept_folder) / "concept.json").read_text())
         if "appearance" not in meta:
-            raise DATEncoderError(f"{concept_folder}/concept.json: no \"appearance\"; --truth scores toy-world "
-                                  f"concepts only (python -m training.toyworld writes them)")
+            raise DATEncoderError(f"{concept_folder}/concept.json: no \"appearance\"; the world's ground truth "
+                                  f"scores toy-world concepts only (python -m training.toyworld writes them)")
         p = self.probabilities(generated)
         identity = sum(p[name][:, world.ATTRIBUTES[name].index(value)]
                        for name, value in zip(("body", "mark", "pattern"), meta["appearance"])) / 3
@@ -150,11 +150,4 @@ class WorldTruth:
         shape = p["shape"][:, world.ATTRIBUTES["shape"].index(meta["class"])]
         return {"truth_identity": float(identity.mean()), "truth_editability": float(context.mean()),
                 "truth_shape": float(shape.mean())}
-
-
-def heldout_accuracy(path: Path) -> dict[str, float]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as file:
-        return json.loads(file.metadata()["accuracy"])
 
