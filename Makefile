@@ -57,7 +57,8 @@ $(VENV)/.browser: requirements-browser.lock | $(VENV)/.installed
 test: setup browser $(COMFYUI_OLDER)/main.py
 	COMFYUI_RELEASES="$(COMFYUI_RELEASES)" $(PY) -m pytest
 
-# The main job: run workflows/api/personalize_and_generate.json headlessly in ComfyUI, writing to output/demo/.
+# The main job: run an example workflow headlessly in ComfyUI, writing to output/demo/: personalize_and_generate.json
+# with an encoder file in MODELS, personalize_without_encoder.json with only the checkpoint, both on the demo set.
 # On your files: make demo MODELS=/path/to/ComfyUI/models [IMAGE=/path/to/photo.jpg]
 demo: setup
 	DATENCODER_CACHE="$(CACHE_DIR)" $(PY) -m training.demo $(if $(MODELS),--models "$(MODELS)") \

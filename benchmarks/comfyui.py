@@ -6,9 +6,16 @@
    ComfyUI already holds, over the UNet's weight bytes (a second copy of the UNet alone would be 1.0).
    On CUDA the allocator's peak; on CPU the peak of live tensor bytes (``LiveTensorBytes``) and the
    process's peak RSS growth.
+3. against ComfyUI's own LoRA trainer: Personalize Concept (no encoder)'s tuning beside TrainLoraNode
+   (comfy_extras/nodes_train.py, rank 4, AdamW, its default gradient checkpointing), both on one photo at
+   ``--train-size`` px and one random SD1.5-structured checkpoint file (the demo set's narrow UNet, full CLIP-L and
+   VAE) loaded as Load Checkpoint loads it, float32, the same steps, one sample per step (ours at
+   timesteps_per_step 1, theirs at batch 1), both given the photo's latents (VAE Encode not counted): median seconds per step (from ComfyUI's progress bar) and
+   the peak memory each adds beyond the loaded models, as ratios ours / theirs.
 
     python -m benchmarks.comfyui                     # tiny shapes on CPU, or SD1.5 shapes on CUDA
     python -m benchmarks.comfyui --shapes sd15 --batch 4
+    python -m benchmarks.comfyui --train-steps 0     # without the TrainLoraNode comparison
 
 ComfyUI's own model classes with random weights (nothing is downloaded); ``COMFYUI_PATH`` is the
 ComfyUI to run (``make`` sets it).
@@ -27,7 +34,8 @@ import torch
 from skimage import data
 
 from benchmarks.measure import LiveTensorBytes, Measure
-from training.headless.comfyui import import_comfyui, pack_module
+from training.headless.comfyui import import_comfyui, pack_module, seeded_random_init
+from training.headless.demo_models import UNET_CONFIG, VAE_CONFIG
 from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
                                              random_comfy_clip_vision)
 from training.models.reference import build_random_models
@@ -77,6 +85,97 @@ def sampling_ratio(model, clip, concept, steps: int, size: int) -> tuple[float, 
     return statistics.median(steps_seconds["plain"]), statistics.median(steps_seconds["dual path"])
 
 
+def write_checkpoint(path: Path) -> None:
+    """A random SD1.5-structured checkpoint file (float16, as downloads are): the demo set's UNet
+    (``demo_models.UNET_CONFIG``), a full CLIP-L and VAE. TrainLoraNode needs a model loaded from a file: in
+    ComfyUI 0.30 it clones with ``force_deepcopy``, which reloads the file."""
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    model = config.get_model({})
+    seeded_random_init(model.diffusion_model, 0)
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model.half(), load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float16})
+    seeded_random_init(clip.cond_stage_model, 1)
+    vae = AutoencoderKL(ddconfig=VAE_CONFIG, embed_dim=4)
+    seeded_random_init(vae, 2)
+    comfy.sd.save_checkpoint(str(path), patcher, clip, comfy.sd.VAE(sd=vae.half().state_dict()))
+
+
+def versus_trainlora(steps: int, size: int) -> None:
+    """Print Personalize Concept (no encoder) against TrainLoraNode: s/step and peak memory, ours / theirs."""
+    import comfy.sd
+    import comfy.utils
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_train import TrainLoraNode
+    import inspect
+
+    nodes, core = pack_module("nodes.nodes"), pack_module("datencoder_core")
+    backend_class = pack_module("nodes.backend").ComfyUIBackend
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "random_sd15.safetensors"
+        write_checkpoint(path)
+        with torch.inference_mode():
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), embedding_directory=None)[:3]
+            photo = torch.from_numpy(data.chelsea().astype(np.float32) / 255.0)[None, :, 75:375]  # square
+            image = torch.nn.functional.interpolate(photo.movedim(-1, 1), size=(size, size), mode="bicubic",
+                                                    antialias=True).clamp(0, 1).movedim(1, -1)
+            (latent,) = comfy_nodes.VAEEncode().encode(vae, image)
+            (positive,) = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of sks cat")
+        device = model.load_device
+        theirs = {"model": model, "latents": latent, "positive": positive, "batch_size": 1,
+                  "grad_accumulation_steps": 1, "steps": steps, "learning_rate": 5e-4, "rank": 4,
+                  "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "fp32",
+                  "lora_dtype": "fp32", "algorithm": "LoRA", "gradient_checkpointing": True,
+                  "existing_lora": "[None]", "quantized_backward": False, "checkpoint_depth": 1,
+                  "offloading": False, "bucket_mode": False, "bypass_mode": False}
+        accepted = inspect.signature(TrainLoraNode.execute).parameters
+        theirs = {k: [v] for k, v in theirs.items() if k in accepted}  # is_input_list: every input a list
+        if "bucket_mode" not in accepted:  # 0.3.x: one latent dict never sets multi_res; two copies do
+            theirs["latents"] = [latent, latent]
+
+        with torch.inference_mode():
+            latents = backend_class(model, clip, vae, image_size=size).encode_latents(image)
+
+        def ours(n: int):  # Personalize Concept (no encoder) at 1e-3, timesteps_per_step 1, at ``size`` px
+            config = core.TuningConfig(steps=n, lr=1e-3, alpha_blend=0.25, timesteps_per_step=1, seed=0)
+
+            def make(progress, interrupt):
+                backend = backend_class(model, clip, vae, image_size=size)
+                backend.encode_latents = lambda images: latents.clone()  # as theirs, the photo encoded before
+                return core.personalize_from_word(backend, "cat", core.LoRAConfig(), image, config, progress,
+                                                  interrupt)
+            return nodes.run_tuning(None, n, make)
+
+        def run(name: str, work) -> tuple[float, int, int]:
+            stamps: list[float] = []
+            comfy.utils.set_progress_bar_global_hook(lambda *a, **k: stamps.append(time.perf_counter()))
+            try:
+                with torch.inference_mode(), Measure(device) as measured, LiveTensorBytes() as live:
+                    work()
+            finally:
+                comfy.utils.set_progress_bar_global_hook(None)
+            per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))  # steps 2.., warm
+            print(f"  {name:<34} {per_step:8.2f} s/step  total {measured.seconds:6.1f} s  peak beyond the loaded "
+                  f"models: RSS {(measured.peak_bytes - measured.start_bytes) / 2**20:6.0f} MiB, live tensors "
+                  f"{live.peak_bytes / 2**20:6.0f} MiB")
+            return per_step, measured.peak_bytes - measured.start_bytes, live.peak_bytes
+
+        unet_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
+        print(f"vs TrainLoraNode ({steps} steps, 1 sample per step, {size} px, fp32, UNet weights "
+              f"{unet_bytes / 2**20:.0f} MiB, {model.model.diffusion_model.dtype}):")
+        with torch.inference_mode():
+            ours(1)  # warm-up: the models loaded where ComfyUI keeps them, as for theirs below
+        mine = run("Personalize Concept (no encoder)", lambda: ours(steps))
+        other = run("TrainLoraNode rank 4 (batch 1)", lambda: TrainLoraNode.execute(**theirs))
+        print(f"  ours / theirs: s/step {mine[0] / other[0]:.2f}, peak RSS growth {mine[1] / other[1]:.2f}, "
+              f"peak live tensors {mine[2] / other[2]:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4, help="timesteps per tuning step")
     parser.add_argument("--steps", type=int, default=12, help="tuning steps")
     parser.add_argument("--sampling-steps", type=int, default=10)
+    parser.add_argument("--train-steps", type=int, default=4,
+                        help="steps of the comparison with TrainLoraNode (0 skips it; >= 3 for a median)")
+    parser.add_argument("--train-size", type=int, default=256,
+                        help="photo size (px) of that comparison; 512 is what the node runs (slow on a CPU)")
     args = parser.parse_args(argv)
 
     import_comfyui()
@@ -114,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     plain, dual = sampling_ratio(model, clip, concept, args.sampling_steps, image_size)
     print(f"sampling (euler, CFG 5, batch 1, {image_size} px): {plain * 1e3:.1f} ms/step plain, "
           f"{dual * 1e3:.1f} ms/step dual path: ratio {dual / plain:.2f}")
+    if args.train_steps:
+        versus_trainlora(args.train_steps, args.train_size)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ class PersonalizationBackend(Protocol):
     def decode_token(self, token_id: int) -> str:
         """The vocabulary string of a token id."""
 
+    def word_token_ids(self, word: str) -> list[int]:
+        """The token ids ``word`` (a word or a few) tokenizes to, without the start and end tokens; [] for
+        an empty or blank ``word``. ``tuning.word_start`` averages their embeddings."""
+
     def predict_noise(self, noisy_latents: Tensor, timesteps: Tensor, context: Tensor,
                       dual_path: DualPathState) -> Tensor:
         """eps prediction (B, 4, h, w) of the UNet with the dual path of Eq. 5 on every attention module."""

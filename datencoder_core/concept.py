@@ -20,6 +20,7 @@ CONCEPT_FORMAT = "datencoder.concept"
 # Version 1 files still load, with ``tuning`` None.
 CONCEPT_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+NO_ENCODER = "none"  # the encoder_id of a concept tuned from a word's embedding (tuning.personalize_from_word)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Concept:
     tuning: TuningConfig | None  # the settings of the tuning that made it; None: not recorded (format 1 file)
     lora_targets: tuple[str, ...]  # the encoder's LoRAConfig.targets, e.g. ("attn1.to_q", ...)
     source: str | None = field(default=None, compare=False)  # the file ``load`` read it from; None: made in this run
+    # encoder_id NO_ENCODER: the word v* started from (tuning.personalize_from_word), file key "init_word"; else None
+    init_word: str | None = None
 
     def __post_init__(self):
         if self.v_star.ndim != 1:
@@ -63,7 +66,28 @@ class Concept:
         """How messages name this concept: its file, or, made in this run, its nearest word and encoder."""
         if self.source is not None:
             return f"the concept {self.source}"
-        return f"the concept with nearest word {self.token!r} (encoder {self.encoder_id})"
+        return f"the concept with nearest word {self.token!r} ({self.origin})"
+
+    @property
+    def origin(self) -> str:
+        """What made it: ``encoder <id>``, or ``no encoder, tuned from the word '<word>'``."""
+        if self.encoder_id == NO_ENCODER:
+            return f"no encoder, tuned from the word {self.init_word!r}"
+        return f"encoder {self.encoder_id}"
+
+    def non_finite(self) -> list[str]:
+        """The names (as in its file) of the tensors that hold NaN or inf; [] for a usable concept."""
+        tensors, _ = self.file_contents()
+        return [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+
+    def check_finite(self) -> None:
+        """Refuse, naming this concept and its first bad tensors, a concept with NaN or inf values (a
+        diverged tuning or a damaged file): sampling with it would give black or noise images."""
+        bad = self.non_finite()
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise DATEncoderError(f"{self.label} holds NaN or inf values (in {shown}); it cannot be used: "
+                                  f"make it again (with a lower lr if its tuning diverged)")
 
     @property
     def rank(self) -> int:
@@ -71,12 +95,13 @@ class Concept:
 
     def file_contents(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The tensors and metadata of this concept's file (what ``save`` writes)."""
-        tensors = {"v_star": self.v_star}
+        tensors = {"v_star": self.v_star}  # first: non_finite names v* before the LoRA
         for site in self.lora.down:
             tensors[f"lora.{site}.down"] = self.lora.down[site]
             tensors[f"lora.{site}.up"] = self.lora.up[site]
+        extra = {} if self.init_word is None else {"init_word": self.init_word}
         return tensors, {
-            "format": CONCEPT_FORMAT, "format_version": str(CONCEPT_FORMAT_VERSION),
+            **extra, "format": CONCEPT_FORMAT, "format_version": str(CONCEPT_FORMAT_VERSION),
             "token_id": str(self.token_id), "token": self.token, "rank": str(self.rank),
             "scale": repr(self.lora.scale), "base_fingerprint": self.base_fingerprint, "encoder_id": self.encoder_id,
             "tuning": json.dumps(None if self.tuning is None else self.tuning.to_dict()),
@@ -89,9 +114,9 @@ class Concept:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Concept:
-        """Read a concept file (``source`` is ``path``). Whether it suits a model is checked where it is
-        used (``checkpoint.check_base_model``). A format 1 file (no provenance) gets ``tuning`` None and
-        the targets its sites show; its ``alpha_blend`` is dropped.
+        """Read a concept file (``source`` is ``path``); one with NaN or inf values is refused. Whether it
+        suits a model is checked where it is used (``checkpoint.check_base_model``). A format 1 file (no
+        provenance) gets ``tuning`` None and the targets its sites show; its ``alpha_blend`` is dropped.
         """
         tensors, meta = read_safetensors(path, CONCEPT_FORMAT, READABLE_VERSIONS)
         down, up = {}, {}
@@ -106,10 +131,13 @@ class Concept:
                 recorded = json.loads(meta["tuning"])
                 tuning = None if recorded is None else TuningConfig.from_dict(recorded)
                 targets = tuple(json.loads(meta["lora_targets"]))
-            return cls(tensors["v_star"], LoRAFactors(down, up, float(meta["scale"])), int(meta["token_id"]),
-                       meta["token"], meta["base_fingerprint"], meta["encoder_id"], tuning, targets, os.fspath(path))
+            concept = cls(tensors["v_star"], LoRAFactors(down, up, float(meta["scale"])), int(meta["token_id"]),
+                          meta["token"], meta["base_fingerprint"], meta["encoder_id"], tuning, targets,
+                          os.fspath(path), meta.get("init_word"))
         except (KeyError, TypeError, ValueError) as error:
             raise DATEncoderError(f"{path}: damaged concept file ({type(error).__name__}: {error})") from None
+        concept.check_finite()  # its label names the file
+        return concept
 
     def export_contents(self) -> list[tuple[dict[str, Tensor], dict[str, str]]]:
         """The tensors and metadata of the two files ``export`` writes: [LoRA, embedding]."""

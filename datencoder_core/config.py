@@ -128,7 +128,8 @@ class LossConfig(_Serializable):
 class TuningConfig(_Serializable):
     """Inference-time tuning (Sec. 4.4 and 5.1)."""
 
-    steps: int = field(default=12, metadata={"help": "AdamW steps after the encoder forward; 0 = encoder only."})
+    steps: int = field(default=12, metadata={"help": "AdamW steps after the start (the encoder's prediction, or a "
+                                                     "word's embedding); 0 = the start only."})
     lr: float = 2e-3
     alpha_blend: float = 0.25  # a of Eq. 5
     timesteps_per_step: int = 4  # mini-batch of timesteps of the one concept image
@@ -139,9 +140,18 @@ class TuningConfig(_Serializable):
     seed: int = 0
 
     def __post_init__(self):
-        _require(0 <= self.steps <= 1000, f"TuningConfig.steps must be in [0, 1000], got {self.steps}")
+        _require(0 <= self.steps <= 2000, f"TuningConfig.steps must be in [0, 2000], got {self.steps}")
         _require(self.lr > 0, f"TuningConfig.lr must be > 0, got {self.lr}")
         _require(0.0 <= self.alpha_blend <= 1.0, f"TuningConfig.alpha_blend must be in [0, 1], got {self.alpha_blend}")
         _require(self.timesteps_per_step >= 1, "TuningConfig.timesteps_per_step must be >= 1")
         _require(0 <= self.encoder_timestep < 1000, "TuningConfig.encoder_timestep must be in [0, 1000)")
         _require(self.prompt.count("{}") == 1, f"TuningConfig.prompt must contain '{{}}' once, got {self.prompt!r}")
+
+
+# The encoder-free path (``tuning.personalize_from_word``): v* from a class word, LoRA from dW = 0, so many more
+# steps than the encoder's 12, at a lower lr than the paper's 2e-3 (meant for <= 12 steps from a good start).
+# Reasoning (/tmp/research_27.md, section 1): diffusers' DreamBooth-LoRA runs 500 steps at lr 1e-4, batch 1, about
+# 125 of our 4-timestep steps (200 leaves headroom for a class-word start); its A ~ N(0, 1/r) has about 10x the rms
+# of our peft-style A ~ U(+-1/sqrt(D_in)), and under Adam dW grows with lr * rms(A), so 1e-3 restores its rate;
+# for v*, 1e-3 is half of textual inversion's effective 2e-3 (diffusers and cloneofsimo with --scale_lr).
+WORD_START_TUNING = TuningConfig(steps=200, lr=1e-3)

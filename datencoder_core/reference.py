@@ -120,6 +120,9 @@ class DiffusersReferenceBackend:
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.convert_ids_to_tokens(token_id)
 
+    def word_token_ids(self, word: str) -> list[int]:
+        return list(self.tokenizer(word, add_special_tokens=False).input_ids)
+
     def predict_noise(self, noisy_latents: Tensor, timesteps: Tensor, context: Tensor,
                       dual_path: DualPathState) -> Tensor:
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=context,

@@ -87,12 +87,14 @@ def tuning_transformer_options(patcher, sigmas: Tensor, conditioning: uuid.UUID,
 
 class ComfyUIBackend:
     """Tuning on the MODEL and CLIP ComfyUI loaded; ``extra_models`` (the encoder's ModelPatcher) are
-    loaded with them."""
+    loaded with them. ``clip_vision`` None: no encoder (Personalize Concept (no encoder)), so no
+    ``image_features``; ``node`` names the node in messages."""
 
-    def __init__(self, model, clip, vae, clip_vision, image_size: int = 512, extra_models=()):
+    def __init__(self, model, clip, vae, clip_vision=None, image_size: int = 512, extra_models=(),
+                 node: str = "Personalize Concept"):
         check_sd1(model, clip)
-        refuse_attn2_replace(model.model_options.get("transformer_options", {}), "Personalize Concept")
-        self.vae, self.clip_vision, self.image_size = vae, clip_vision, image_size
+        refuse_attn2_replace(model.model_options.get("transformer_options", {}), node)
+        self.vae, self.clip, self.clip_vision, self.image_size = vae, clip, clip_vision, image_size
         self.patcher, self.sites = with_dual_path_attention(model)
         self.models = [self.patcher, clip.patcher, *extra_models]
         self.device = model.load_device
@@ -182,6 +184,10 @@ class ComfyUIBackend:
 
     def decode_token(self, token_id: int) -> str:
         return self._inv_vocab[token_id]
+
+    def word_token_ids(self, word: str) -> list[int]:
+        """By ComfyUI's CLIP tokenizer, the one sampling's prompts go through; a blank word gives []."""
+        return placeholder_ids(self.clip, word) if word.strip() else []
 
     def predict_noise(self, noisy_latents: Tensor, timesteps: Tensor, context: Tensor,
                       dual_path: DualPathState) -> Tensor:

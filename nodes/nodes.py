@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import comfy.model_management
 import comfy.model_patcher
@@ -13,7 +14,8 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from ..datencoder_core import Concept, DATEncoder, TuningConfig, architecture_fingerprint, load_encoder, personalize
+from ..datencoder_core import (WORD_START_TUNING, Concept, DATEncoder, LoRAConfig, TuningConfig,
+                               architecture_fingerprint, load_encoder, personalize, personalize_from_word)
 from ..datencoder_core.checkpoint import check_base_model
 from . import compat, paths
 from .backend import ComfyUIBackend
@@ -52,8 +54,10 @@ def shown(node_id: str | None, text: str, record: dict, *outputs) -> io.NodeOutp
 
 
 def concept_record(concept: Concept) -> dict:
-    """What the ``ui`` record of a node that outputs a concept says about it."""
-    return {"token": concept.token, "token_id": concept.token_id, "encoder_id": concept.encoder_id}
+    """What the ``ui`` record of a node that outputs a concept says about it (``init_word``: only for one
+    made without an encoder, whose encoder_id is "none")."""
+    extra = {} if concept.init_word is None else {"init_word": concept.init_word}
+    return {"token": concept.token, "token_id": concept.token_id, "encoder_id": concept.encoder_id, **extra}
 
 
 def _schema(**fields) -> io.Schema:
@@ -150,28 +154,108 @@ class DATEncoderPersonalize(io.ComfyNode):
                 timesteps_per_step, seed) -> io.NodeOutput:
         config = TuningConfig(steps=steps, lr=lr, alpha_blend=alpha_blend, timesteps_per_step=timesteps_per_step,
                               seed=seed)
-        bar = comfy.utils.ProgressBar(max(steps, 1))
-        node_id = _node_id(cls)
-        losses: list[float] = []
 
-        def progress(step: int, total: int, loss: float) -> None:
-            bar.update_absolute(step, total)
-            losses.append(loss)
-            show_text(node_id, f"step {step}/{total}  loss {loss:.4f}")
+        def make(progress, interrupt) -> Concept:
+            backend = ComfyUIBackend(model, clip, vae, clip_vision, extra_models=[datencoder.patcher])  # loads nothing
+            datencoder.check_base_model(model)
+            return personalize(backend, datencoder.encoder, datencoder.encoder_id, image, config, progress=progress,
+                               interrupt=interrupt)
 
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                backend = ComfyUIBackend(model, clip, vae, clip_vision, extra_models=[datencoder.patcher])  # loads nothing
-                datencoder.check_base_model(model)
-                concept = personalize(backend, datencoder.encoder, datencoder.encoder_id, image, config,
-                                      progress=progress,
-                                      interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-        except comfy.model_management.InterruptProcessingException:
-            show_text(node_id, f"cancelled after step {len(losses)}/{steps}: no concept was made")
-            raise
-        logger.info("DATEncoder: concept ready, nearest word %r", concept.token)
-        return shown(node_id, f"nearest word: {concept.token}", {**concept_record(concept), "losses": losses},
-                     concept)
+        return run_tuning(_node_id(cls), steps, make)
+
+
+ETA_AFTER_STEPS = 10  # runs longer than this show the time left in their progress text
+
+
+def run_tuning(node_id: str | None, steps: int, make) -> io.NodeOutput:
+    """The shared body of the two Personalize nodes: ``make(progress, interrupt)`` creates the backend and
+    returns the concept; this shows each step's loss (and, on runs over ``ETA_AFTER_STEPS`` steps, the time
+    left) on the node, stops within one step on Cancel, and outputs the concept with its ui record."""
+    bar = comfy.utils.ProgressBar(max(steps, 1))
+    losses: list[float] = []
+    start = time.monotonic()
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.update_absolute(step, total)
+        losses.append(loss)
+        text = f"step {step}/{total}  loss {loss:.4f}"
+        if total > ETA_AFTER_STEPS and step < total:
+            text += f"  ~{(time.monotonic() - start) / step * (total - step):.0f} s left"
+        show_text(node_id, text)
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            concept = make(progress, comfy.model_management.throw_exception_if_processing_interrupted)
+    except comfy.model_management.InterruptProcessingException:
+        show_text(node_id, f"cancelled after step {len(losses)}/{steps}: no concept was made")
+        raise
+    logger.info("DATEncoder: concept ready, nearest word %r", concept.token)
+    return shown(node_id, f"nearest word: {concept.token}", {**concept_record(concept), "losses": losses}, concept)
+
+
+class DATEncoderPersonalizeFromWord(io.ComfyNode):
+    """Personalize Concept without an encoder (issue 27): v* starts at a class word's embedding, the LoRA
+    at dW = 0, then the same tuning loop (``datencoder_core.tuning.personalize_from_word``), longer."""
+
+    @classmethod
+    def define_schema(cls):
+        defaults = WORD_START_TUNING
+        return _schema(
+            node_id="DATEncoderPersonalizeFromWord", display_name="Personalize Concept (no encoder)",
+            description="From one photo (or a batch of photos of the same concept), without DATEncoder weights: "
+                        "the concept's word embedding starts at a class word you name and its LoRA at zero, then "
+                        "tuning steps as in Personalize Concept, many more (slower; no encoder to train).",
+            inputs=[io.Model.Input("model", tooltip="the SD1.x MODEL to personalize (Load Checkpoint); it is "
+                                                    "never changed"),
+                    io.Clip.Input("clip", tooltip="the checkpoint's CLIP (SD1.x text encoder): the start word's "
+                                                  "embedding and the tuning prompt"),
+                    io.Vae.Input("vae", tooltip="the checkpoint's VAE: it encodes the photo for the UNet"),
+                    io.Image.Input("image", tooltip="one photo of the concept, or a batch of photos of the same "
+                                                    "concept; any size, alpha and grey are fine"),
+                    io.String.Input("init_word", default="cat",
+                                    tooltip="the concept's class word (cat, dog, teapot): its embedding is where "
+                                            "tuning starts; several tokens -> the mean of their embeddings"),
+                    io.Int.Input("steps", default=defaults.steps, min=1, max=2000,
+                                 tooltip="tuning steps, 1-2000 (default 200; more fits the photo closer)"),
+                    io.Float.Input("lr", default=defaults.lr, min=1e-5, max=1e-1, step=1e-4,
+                                   tooltip="AdamW learning rate, 1e-5 to 0.1 (default 1e-3; lower it if tuning "
+                                           "diverges)"),
+                    io.Float.Input("alpha_blend", default=defaults.alpha_blend, min=0.0, max=1.0, step=0.01,
+                                   tooltip="the dual-path blend WHILE TUNING, 0-1 (the paper: 0.25): the weight of "
+                                           "the concept's path. Sampling uses Dual-Path Model Patch's own "
+                                           "alpha_blend"),
+                    io.Int.Input("timesteps_per_step", default=defaults.timesteps_per_step, min=1, max=32,
+                                 tooltip="random diffusion timesteps per tuning step (its mini-batch), 1-32 "
+                                         "(default 4)"),
+                    io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate="fixed",
+                                 tooltip="seed of the LoRA start, the tuning timesteps and noise: the same photo, "
+                                         "word and seed give the same concept. Keep it fixed")],
+            outputs=[ConceptType.Output(tooltip="the concept: its word embedding v*, LoRA offsets and nearest "
+                                                "word, for Dual-Path Model Patch, Apply Concept Token, Save Concept")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, init_word) -> bool | str:
+        if init_word is None:  # linked from another node: checked when it runs
+            return True
+        if not init_word.strip():
+            return ("init_word is empty: name the concept's class word (e.g. cat, dog, teapot); tuning starts "
+                    "from its embedding")
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, init_word, steps, lr, alpha_blend, timesteps_per_step,
+                seed) -> io.NodeOutput:
+        config = TuningConfig(steps=steps, lr=lr, alpha_blend=alpha_blend, timesteps_per_step=timesteps_per_step,
+                              seed=seed)
+
+        def make(progress, interrupt) -> Concept:
+            backend = ComfyUIBackend(model, clip, vae, node="Personalize Concept (no encoder)")  # loads nothing
+            return personalize_from_word(backend, init_word, LoRAConfig(), image, config, progress=progress,
+                                         interrupt=interrupt)
+
+        return run_tuning(_node_id(cls), steps, make)
 
 
 class _SaveNode(io.ComfyNode):
@@ -199,7 +283,11 @@ class _SaveNode(io.ComfyNode):
         target = paths.choose_paths(cls.FOLDERS, name, overwrite, contents)
         if not target.unchanged:
             write(target.paths)
-        text = f"{'unchanged (same concept)' if target.unchanged else 'saved'} {' and '.join(target.paths)}"
+        # Short, to fit the node: the file name (the same in each folder), the folders only where there are
+        # several; the record has the full paths.
+        text = f"{'unchanged (same concept)' if target.unchanged else 'saved'} {os.path.basename(target.paths[0])}"
+        if len(cls.FOLDERS) > 1:
+            text += f" in {' and '.join(f'{key}/' for key in cls.FOLDERS)}"
         return shown(_node_id(cls), text, {"files": target.paths, "saved": not target.unchanged})
 
 
@@ -236,13 +324,14 @@ class DATEncoderLoadConcept(io.ComfyNode):
 
 
 def describe_concept(concept: Concept) -> str:
-    """Load Concept's text: the nearest word, then where the concept came from (its provenance)."""
+    """Load Concept's text, two short lines that fit the node: the nearest word, then the main tuning
+    settings. The whole provenance (every setting, LoRA targets, encoder) is in the node's ui record."""
     if concept.tuning is None:
-        tuning = "not recorded (a format 1 file)"
+        tuning = "not recorded (format 1 file)"
     else:
-        tuning = ", ".join(f"{name}={value!r}" for name, value in concept.tuning.to_dict().items())
-    return (f"nearest word: {concept.token}\ntuning: {tuning}\nLoRA targets: {', '.join(concept.lora_targets)}\n"
-            f"encoder: {concept.encoder_id}")
+        tuning = f"steps={concept.tuning.steps}, lr={concept.tuning.lr!r}, alpha_blend={concept.tuning.alpha_blend!r}"
+    made = f"\n{concept.origin}" if concept.init_word is not None else ""  # no encoder: a third line, its start word
+    return f"nearest word: {concept.token}\ntuning: {tuning}{made}"
 
 
 class DATEncoderSaveConcept(_SaveNode):
@@ -387,7 +476,7 @@ class DATEncoderExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         paths.register()  # the Loader and Load Concept schemas list these folders
-        nodes = [DATEncoderLoader, DATEncoderPersonalize, DATEncoderLoadConcept, DATEncoderSaveConcept,
-                 DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderConceptList,
+        nodes = [DATEncoderLoader, DATEncoderPersonalize, DATEncoderLoadConcept, DATEncoderPersonalizeFromWord,
+                 DATEncoderSaveConcept, DATEncoderExportConcept, DATEncoderDualPathPatch, DATEncoderConceptList,
                  DATEncoderApplyConceptToken]
         return compat.refuse_unsupported(nodes, compat.running_version())

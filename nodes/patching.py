@@ -205,9 +205,10 @@ def patch_model(patcher, concept: Concept, alpha: float, lora_strength: float = 
                 mask: torch.Tensor | None = None):
     """A clone of ``patcher`` that samples with ``concept`` through the dual path (Eq. 5), its LoRA offsets
     scaled by ``lora_strength`` and, with a ComfyUI MASK, acting only inside it. A model already patched
-    gets the concept added to its concepts (same ``alpha`` required); one with attn2_replace patches, or a
-    concept for another base model, is refused."""
+    gets the concept added to its concepts (same ``alpha`` required); one with attn2_replace patches, a
+    concept for another base model, or one with NaN or inf values (named by its label), is refused."""
     refuse_attn2_replace(patcher.model_options.get("transformer_options", {}), "the Dual-Path Model Patch")
+    concept.check_finite()
     check_base_model(concept.label, concept.base_fingerprint, "this MODEL", model_fingerprint(patcher))
     added = PatchedConcept(LoRAFactors(concept.lora.down, concept.lora.up, concept.lora.scale * lora_strength),
                            None if mask is None else _mask_batch(mask))

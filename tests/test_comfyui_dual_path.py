@@ -8,7 +8,8 @@ import torch
 from training.headless.comfyui import pack_module
 from training.headless.random_models import comfy_model_from_diffusers, comfy_noise_prediction
 
-from datencoder_core import Concept, DualPathState, LoRAConfig, LoRAFactors, TuningConfig, architecture_fingerprint
+from datencoder_core import (Concept, DATEncoderError, DualPathState, LoRAConfig, LoRAFactors, TuningConfig,
+                             architecture_fingerprint)
 
 PROMPT = "a photo of {} in the snow"
 
@@ -264,3 +265,23 @@ def test_a_conditioning_changed_after_apply_concept_token_is_refused(comfy, back
     with pytest.raises(core.DATEncoderError, match="was changed afterwards .* ConditioningConcat"):
         with torch.no_grad():
             comfy_noise_prediction(patching.patch_model(patcher, concept, 0.25), [concatenated], latents, t)
+
+
+def test_a_concept_with_nan_or_inf_is_refused_naming_it(comfy, concept, tmp_path):
+    """A diverged concept would sample black or noise: the patch refuses it, naming the concept (its word and
+    encoder, or its file)."""
+    patching, patcher = comfy
+    # the concept is the top-level package's (as the fixture made it), so its own class raises
+    error = (pack_module("datencoder_core").DATEncoderError, DATEncoderError)
+    site = next(iter(concept.lora.down))
+    down = {**concept.lora.down, site: concept.lora.down[site].clone()}
+    down[site][0, 0] = float("nan")
+    broken = dataclasses.replace(concept, lora=LoRAFactors(down, concept.lora.up, concept.lora.scale))
+    with pytest.raises(error, match=rf"^the concept with nearest word 'f</w>' \(encoder enc@test\) holds NaN or inf "
+                                    rf"values \(in lora\.{re.escape(site)}\.down\); it cannot be used"):
+        patching.patch_model(patcher, broken, 0.25)
+    infinite = dataclasses.replace(concept, v_star=torch.full_like(concept.v_star, float("inf")),
+                                   source="cat.safetensors")
+    with pytest.raises(error, match=r"^the concept cat.safetensors holds NaN or inf values \(in v_star\)"):
+        patching.patch_model(patcher, infinite, 0.25)
+    assert patching.patch_model(patcher, concept, 0.25) is not patcher  # the finite one still patches

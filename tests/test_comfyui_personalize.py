@@ -216,3 +216,151 @@ def test_a_pretrained_encoder_loads_in_the_loader_and_personalizes(stack, tiny_p
         concept = nodes.DATEncoderPersonalize.execute(patcher, clip, vae, clip_vision, encoder, cat_image, 1, 2e-3,
                                                       0.25, 1, 0).result[0]
     assert concept.encoder_id == encoder.encoder_id and torch.isfinite(concept.v_star).all()
+
+
+# Personalize Concept (no encoder): the encoder-free path (issue 27) through ComfyUI.
+
+def _from_word(stack, image, word="cat", steps=2, seed=0, lr=1e-3):
+    nodes, patcher, clip, vae, *_ = stack
+    with torch.inference_mode():
+        return nodes.DATEncoderPersonalizeFromWord.execute(patcher, clip, vae, image, word, steps, lr, 0.25, 1, seed)
+
+
+def test_personalize_from_word_makes_an_ordinary_concept(stack, cat_image, tmp_path, monkeypatch):
+    """No encoder, no CLIP vision: a concept whose record says so (encoder_id "none", the start word), that
+    Save Concept, Load Concept, Export, Dual-Path Model Patch and Apply Concept Token take as any other;
+    the input MODEL and CLIP are untouched."""
+    import folder_paths
+
+    nodes, patcher, clip, *_ = stack
+    before = _fingerprints(stack)
+    output = _from_word(stack, cat_image)
+    concept = output.result[0]
+    [record] = output.ui["datencoder"]
+    assert output.ui["text"] == [f"nearest word: {concept.token}"]
+    assert record == {"token": concept.token, "token_id": concept.token_id, "encoder_id": "none", "init_word": "cat",
+                      "losses": record["losses"]} and len(record["losses"]) == 2
+    assert json.loads(json.dumps(output.ui)) == output.ui
+    assert concept.v_star.shape == (32,) and len(concept.lora.down) == 96
+    assert any(b.abs().sum() > 0 for b in concept.lora.up.values())
+    assert (concept.tuning.steps, concept.tuning.lr, concept.tuning.seed) == (2, 1e-3, 0)
+    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack), strict=True))
+    assert patcher.object_patches == {} and patcher.wrappers == {}
+
+    for key in ("datencoder_concepts", "loras", "embeddings"):
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, key, ([str(tmp_path / key)], {".safetensors"}))
+        (tmp_path / key).mkdir()
+    nodes.DATEncoderSaveConcept.execute(concept, "word", False)
+    loaded_output = nodes.DATEncoderLoadConcept.execute("word.safetensors")
+    loaded = loaded_output.result[0]
+    assert (loaded.encoder_id, loaded.init_word) == ("none", "cat") and torch.equal(loaded.v_star, concept.v_star)
+    [loaded_record] = loaded_output.ui["datencoder"]
+    assert (loaded_record["encoder_id"], loaded_record["init_word"]) == ("none", "cat")
+    assert "cat" in loaded_output.ui["text"][0] and "no encoder" in loaded_output.ui["text"][0]
+    nodes.DATEncoderExportConcept.execute(concept, "word", False)
+    assert all((tmp_path / key / "word.safetensors").exists() for key in ("loras", "embeddings"))
+    patched = nodes.DATEncoderDualPathPatch.execute(patcher, loaded, 0.25, 1.0).result[0]
+    assert patched is not patcher
+    (listed,) = nodes.DATEncoderConceptList.execute(loaded, "S2*").result
+    assert listed == (("S2*", loaded),)
+    with torch.inference_mode():
+        (conditioning,) = nodes.DATEncoderApplyConceptToken.execute(clip, loaded, "a photo of S*", "S*").result
+    assert conditioning[0][0].shape == (1, 77, 32)
+
+
+def test_personalize_from_word_starts_at_the_words_embedding_in_comfyui(stack, cat_image):
+    """v*_0 is the mean of the CLIP token-embedding rows of the word's tokens (ComfyUI's tokenizer, no start or
+    end token); several tokens average."""
+    nodes, patcher, clip, vae, *_ = stack
+    core = pack_module("datencoder_core")
+    table = clip.cond_stage_model.clip_l.transformer.text_model.embeddings.token_embedding.weight
+    with torch.inference_mode(False):
+        backend = pack_module("nodes.backend").ComfyUIBackend(patcher, clip, vae, image_size=128)
+        for word, count in (("cat", 1), ("a red teapot", 3)):
+            ids = backend.word_token_ids(word)
+            assert len(ids) == count and 49406 not in ids and 49407 not in ids
+            v, lora = core.word_start(backend, word, core.LoRAConfig(), 0)
+            assert torch.equal(v, table[ids].float().mean(0))
+        assert backend.word_token_ids("  ") == []
+        start = core.personalize_from_word(backend, "cat", core.LoRAConfig(), cat_image, core.TuningConfig(steps=0))
+    assert torch.equal(start.v_star, table[backend.word_token_ids("cat")].float().mean(0))
+    assert start.token == "cat</w>" and not any(b.any() for b in start.lora.up.values())
+
+
+def test_personalize_from_word_same_inputs_and_seed_give_the_same_concept(stack, cat_image):
+    first, second = (_from_word(stack, cat_image, steps=1).result[0] for _ in range(2))
+    other = _from_word(stack, cat_image, steps=1, seed=1).result[0]
+    assert torch.equal(first.v_star, second.v_star)
+    assert all(torch.equal(first.lora.down[k], second.lora.down[k]) for k in first.lora.down)
+    assert not torch.equal(first.v_star, other.v_star)
+
+
+def test_personalize_from_word_cancel_stops_within_one_step(stack, cat_image):
+    import comfy.model_management
+    import comfy.utils
+
+    before = _fingerprints(stack)
+    steps_done = []
+
+    def hook(value, total, preview, node_id=None):
+        steps_done.append(value)
+        comfy.model_management.interrupt_current_processing(True)  # the user presses Cancel after step 1
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _from_word(stack, cat_image, steps=50)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert steps_done == [1]
+    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack), strict=True))
+
+
+def test_an_empty_init_word_is_refused_when_queued_and_when_run(stack, cat_image):
+    nodes = stack[0]
+    for word in ("", "   ", "\t\n"):
+        problem = nodes.DATEncoderPersonalizeFromWord.validate_inputs(word)
+        assert isinstance(problem, str) and problem.startswith("init_word is empty: name the concept's class word")
+    assert nodes.DATEncoderPersonalizeFromWord.validate_inputs("cat") is True
+    assert nodes.DATEncoderPersonalizeFromWord.validate_inputs(None) is True  # linked: checked when it runs
+    with pytest.raises(pack_module("datencoder_core").DATEncoderError, match="has no tokens: name the concept's"):
+        _from_word(stack, cat_image, word=" ")
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_no_concept(stack, cat_image, monkeypatch):
+    backend = pack_module("nodes.backend").ComfyUIBackend
+    predict = backend.predict_noise
+    monkeypatch.setattr(backend, "predict_noise", lambda self, *a: predict(self, *a) * float("nan"))
+    with pytest.raises(pack_module("datencoder_core").DATEncoderError,
+                       match=r"^tuning diverged: the loss of step 1/3 is nan at lr 0\.001; no concept was made"):
+        _from_word(stack, cat_image, steps=3)
+
+
+def test_progress_shows_step_loss_and_time_left(stack, monkeypatch):
+    """Each step's loss and counter; the time left on runs of more than 10 steps (not on the last step)."""
+    nodes = stack[0]
+    shown = []
+    monkeypatch.setattr(nodes, "show_text", lambda node_id, text: shown.append(text))
+
+    def make(steps):
+        def run(progress, interrupt):
+            for step in range(1, steps + 1):
+                interrupt()
+                progress(step, steps, 0.5 / step)
+            return _concept_stub()
+        return run
+
+    nodes.run_tuning("7", 12, make(12))
+    assert re.fullmatch(r"step 1/12  loss 0\.5000  ~\d+ s left", shown[0]) and len(shown) == 13
+    assert shown[-2] == "step 12/12  loss 0.0417" and shown[-1] == "nearest word: cat</w>"
+    shown.clear()
+    nodes.run_tuning("7", 3, make(3))
+    assert shown[:3] == ["step 1/3  loss 0.5000", "step 2/3  loss 0.2500", "step 3/3  loss 0.1667"]
+
+
+def _concept_stub():
+    core = pack_module("datencoder_core")
+    site = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    lora = core.LoRAFactors({site: torch.zeros(4, 8)}, {site: torch.zeros(8, 4)}, 1.0)
+    return core.Concept(torch.zeros(32), lora, 2368, "cat</w>", "f", "none", None, ("attn1.to_q",), init_word="cat")

@@ -181,3 +181,30 @@ def test_exported_alpha_reproduces_scale(backend, tmp_path):
     alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
     assert alphas == {0.75 * 4}  # alpha / rank = scale, kohya's convention
     assert len(tensors) == 3 * len(backend.sites)
+
+
+def test_a_concept_made_without_an_encoder_saves_loads_and_exports_as_any_other(backend, cat_image, tmp_path):
+    """The encoder-free path's concept (encoder_id "none", its start word recorded) round-trips bit for bit
+    and exports to the same two files; a concept from an encoder has no init_word key in its file."""
+    from datencoder_core import personalize_from_word
+
+    concept = personalize_from_word(backend, "cat", LoRAConfig(), cat_image,
+                                    TuningConfig(steps=1, timesteps_per_step=1))
+    assert (concept.encoder_id, concept.init_word) == ("none", "cat")
+    assert concept.label == f"the concept with nearest word {concept.token!r} (no encoder, tuned from the word 'cat')"
+    concept.save(tmp_path / "cat.safetensors")
+    loaded = Concept.load(tmp_path / "cat.safetensors")
+    assert (loaded.encoder_id, loaded.init_word, loaded.tuning) == ("none", "cat", concept.tuning)
+    assert torch.equal(loaded.v_star, concept.v_star)
+    assert all(torch.equal(loaded.lora.up[k], concept.lora.up[k]) for k in concept.lora.up)
+    assert loaded.file_contents()[1] == concept.file_contents()[1]
+    concept.export(tmp_path / "lora.safetensors", tmp_path / "emb.safetensors")
+    assert torch.equal(load_file(tmp_path / "emb.safetensors")["emb_params"][0], concept.v_star)
+    assert len(load_file(tmp_path / "lora.safetensors")) == 3 * len(concept.lora.down)
+    assert "init_word" not in _concept(backend.sites).file_contents()[1]
+    assert Concept.load(_saved(_concept(backend.sites), tmp_path / "enc.safetensors")).init_word is None
+
+
+def _saved(concept, path):
+    concept.save(path)
+    return path

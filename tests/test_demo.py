@@ -6,9 +6,11 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 from datencoder_core import Concept, architecture_fingerprint, load_encoder
-from training.demo import MARKER, main, personalization_result, replace_output
+from training.demo import (MARKER, WORKFLOW, WORKFLOW_WITHOUT_ENCODER, choose_workflow, main, personalization_result,
+                           replace_output)
 from training.headless import demo_models
 
 QUICK = ["--set", "5.steps=2", "--set", "5.timesteps_per_step=1", "--set", "9.width=128", "--set", "9.height=128",
@@ -16,8 +18,9 @@ QUICK = ["--set", "5.steps=2", "--set", "5.timesteps_per_step=1", "--set", "9.wi
 
 
 def test_demo_runs_the_workflow_and_reports(demo_models_folder, tmp_path):
-    """On the ComfyUI `make demo` runs (COMFYUI_PATH); test_workflows runs the same workflow on every
-    supported release."""
+    """On the ComfyUI `make demo` runs (COMFYUI_PATH); test_workflows runs the same workflows on every
+    supported release. On the demo set: the encoder workflow (the report's top level), then the encoder-free
+    one (``without_encoder``); QUICK's ``5.*`` settings reach both Personalize nodes (the examples share ids)."""
     output = tmp_path / "demo"
     report = main(["--cache", str(demo_models_folder.parent), "--output", str(output), *QUICK])
 
@@ -28,14 +31,24 @@ def test_demo_runs_the_workflow_and_reports(demo_models_folder, tmp_path):
         pixels = np.asarray(Image.open(path))
         assert pixels.shape == (128, 128, 3) and pixels.std() > 0
     assert len(report["tuning_losses"]) == 2 and all(np.isfinite(report["tuning_losses"]))
+    assert report["workflow"] == "personalize_and_generate"
+    free = report["without_encoder"]
+    assert free["workflow"] == "personalize_without_encoder" and len(free["images"]) == 2
+    assert len(free["tuning_losses"]) == 2 and all(np.isfinite(free["tuning_losses"]))
+    assert 0 < free["personalization_seconds"] < free["workflow_seconds"]
     assert 0 < report["personalization_seconds"] < report["workflow_seconds"]
     assert report["peak_memory_mib"] > 1000 and report["device"]  # ViT-H alone is 1.2 GB
 
     concept = Concept.load(output / "comfyui" / "models" / "datencoder_concepts" / "my_concept.safetensors")
     encoder, encoder_id = load_encoder(demo_models_folder / "datencoder" / demo_models.ENCODER)
     assert report["nearest_word"] == concept.token and concept.encoder_id == encoder_id
+    with safe_open(str(demo_models_folder / "datencoder" / demo_models.ENCODER), framework="pt") as demo_file:
+        assert demo_file.metadata().items() >= demo_models.DEMO_FLAG.items()  # what Personalize Concept can show
     assert concept.base_fingerprint == architecture_fingerprint(encoder.sites, encoder.config.token_dim)
     assert len(concept.lora.down) == len(encoder.sites) == 42
+    # The encoder-free run's concept: a different one, so Save Concept gave it the next free name.
+    free_concept = Concept.load(output / "comfyui" / "models" / "datencoder_concepts" / "my_concept_00001.safetensors")
+    assert free_concept.token == free["nearest_word"] and free_concept.encoder_id != encoder_id
 
 
 def test_the_report_reads_the_nodes_record_not_their_text():
@@ -46,13 +59,32 @@ def test_the_report_reads_the_nodes_record_not_their_text():
     assert personalization_result(outputs, "5") == ("cat</w>", [0.5, 0.25])
 
 
-def test_demo_names_missing_model_files(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--models", str(tmp_path), "--output", str(tmp_path / "out")])
-    message = capsys.readouterr().err
-    for expected in ("checkpoints/v1-5-pruned-emaonly.safetensors",
-                     "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "datencoder/datencoder_sd15.safetensors"):
-        assert str(tmp_path / expected) in message
+CHECKPOINT = "checkpoints/v1-5-pruned-emaonly.safetensors"
+ENCODER_FILES = ("clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "datencoder/datencoder_sd15.safetensors")
+
+
+def test_demo_names_a_missing_checkpoint_before_anything_starts(tmp_path):
+    models = tmp_path / "models"
+    (models / ENCODER_FILES[0]).parent.mkdir(parents=True)
+    (models / ENCODER_FILES[0]).touch()  # clip_vision alone runs nothing
+    with pytest.raises(SystemExit) as refused:
+        main(["--models", str(models), "--output", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    message = str(refused.value)
+    assert message.startswith("missing model files:") and str(models / CHECKPOINT) in message
+    assert "personalize_without_encoder.json" in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_demo_runs_the_workflow_your_models_folder_can_run(tmp_path):
+    """The checkpoint alone: the encoder-free workflow (and the encoder files it lacks, for its log line);
+    with clip_vision and the encoder as well: the encoder workflow."""
+    (tmp_path / CHECKPOINT).parent.mkdir(parents=True)
+    (tmp_path / CHECKPOINT).touch()
+    assert choose_workflow(tmp_path) == (WORKFLOW_WITHOUT_ENCODER, [str(tmp_path / name) for name in ENCODER_FILES])
+    for name in ENCODER_FILES:
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).touch()
+    assert choose_workflow(tmp_path) == (WORKFLOW, [])
 
 
 @pytest.mark.parametrize("where", ["a folder of yours", "the current folder", "a file"])

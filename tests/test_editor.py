@@ -31,8 +31,10 @@ WORKFLOW_MODELS = {  # the example workflows' file names -> the demo set's files
     "datencoder": ("datencoder_sd15.safetensors", demo_models.ENCODER),
 }
 # Test cost on CPU: 2 tuning steps of 1 timestep, 2 sampling steps, 128 px.
-QUICK = {"DATEncoderPersonalize": {"steps": 2, "timesteps_per_step": 1}, "KSampler": {"steps": 2},
+QUICK = {"DATEncoderPersonalize": {"steps": 2, "timesteps_per_step": 1},
+         "DATEncoderPersonalizeFromWord": {"steps": 2, "timesteps_per_step": 1}, "KSampler": {"steps": 2},
          "EmptyLatentImage": {"width": 128, "height": 128}}
+WORKFLOWS = sorted(path.stem for path in (REPO / "workflows").glob("*.json"))
 RUN_SECONDS = 600  # one workflow run, model loading included, on 2 busy CPU cores
 TEXT_WIDGET = "$$node-text-preview"  # the editor's widget for a node's progress text
 
@@ -61,6 +63,15 @@ class Editor:
         self.page.set_input_files("#comfy-file-input", str(REPO / "workflows" / f"{name}.json"))
         self.page.wait_for_function(f"app.graph.nodes.length === {len(_workflow(name)['nodes'])}")
         self.page.wait_for_timeout(1500)  # the missing-node / missing-model checks run after the graph loads
+
+    def overlaps(self) -> list[list[int]]:
+        """The pairs of nodes whose boxes (title bar and body, as the editor draws them now) overlap."""
+        return self.page.evaluate("""() => {
+            const boxes = app.graph.nodes.map(n => [n.id, n.getBounding ? Array.from(n.getBounding()) : n.boundingRect]);
+            const pairs = [];
+            boxes.forEach(([a, [ax, ay, aw, ah]], i) => boxes.slice(i + 1).forEach(([b, [bx, by, bw, bh]]) => {
+                if (ax < bx + bw && bx < ax + aw && ay < by + bh && by < ay + ah) pairs.push([a, b]); }));
+            return pairs; }""")
 
     def dialogs(self) -> list[str]:
         return self.page.evaluate("""Array.from(document.querySelectorAll('[role=dialog], .p-dialog'))
@@ -152,11 +163,12 @@ def test_the_examples_load_and_run_twice_from_the_run_button(editor):
     end = editor.wait_for_end(since)
     editor.shot("personalize-ran")
     assert end["type"] == "execution_success", end
+    assert editor.overlaps() == []  # the node texts had room
     assert len(editor.images_of(editor.events(since), "SaveImage")) == 2
     nearest = editor.node_text("DATEncoderPersonalize")
     assert nearest.startswith("nearest word: "), nearest
     saved = editor.server.base / "models" / "datencoder_concepts" / "my_concept.safetensors"
-    assert editor.node_text("DATEncoderSaveConcept") == f"saved {saved}"
+    assert editor.node_text("DATEncoderSaveConcept") == "saved my_concept.safetensors"  # short: fits the node
     assert editor.outputs_of(editor.events(since), "DATEncoderSaveConcept", "datencoder") == [
         {"files": [str(saved)], "saved": True}]  # what datencoder.js reads
     assert "</w>" not in nearest and editor.page.get_by_text(nearest).first.is_visible()  # drawn on the node
@@ -181,18 +193,44 @@ def test_the_examples_load_and_run_twice_from_the_run_button(editor):
     assert end["type"] == "execution_success", end
     assert len(editor.images_of(editor.events(since), "SaveImage")) == 2
     assert editor.node_text("DATEncoderLoadConcept").startswith(nearest + "\n")
-    assert editor.node_text("DATEncoderExportConcept").startswith("saved ")
+    assert editor.node_text("DATEncoderExportConcept") == "saved my_concept.safetensors in loras/ and embeddings/"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_each_example_opens_without_dialogs_and_overlaps(editor, name):
+    """As the editor sizes the nodes (two_concepts' Load Checkpoint overlapped its first Load Concept)."""
+    editor.load(name)
+    assert editor.dialogs() == []
+    assert editor.overlaps() == []
+
+
+def test_the_encoder_free_example_runs_from_the_run_button(editor):
+    """Only the checkpoint and the photo; its node texts leave the layout without overlaps."""
+    editor.load("personalize_without_encoder")
+    assert editor.dialogs() == []
+    editor.set_widgets(QUICK)
+    since = editor.run()
+    end = editor.wait_for_end(since)
+    editor.shot("without-encoder-ran")
+    assert end["type"] == "execution_success", end
+    assert len(editor.images_of(editor.events(since), "SaveImage")) == 2
+    assert editor.node_text("DATEncoderPersonalizeFromWord").startswith("nearest word: ")
+    assert editor.overlaps() == []
 
 
 def test_the_extension_refreshes_when_the_record_says_a_file_was_written(editor):
     """datencoder.js reloads the node definitions after Save Concept or Export only when the node's ui
-    record says it wrote a file: it reads the record, never the text for people."""
-    outputs = [{"text": ["saved /models/x.safetensors"]},
-               {"text": ["..."], "datencoder": [{"files": ["/models/x.safetensors"], "saved": False}]},
-               {"text": ["..."], "datencoder": [{"files": ["/models/x.safetensors"], "saved": True}]}]
+    record says it wrote a file: it reads the record, never the text for people. The same record again (an
+    unchanged re-run answered from ComfyUI's cache replays it) reloads nothing: no "Node definitions
+    updated" toast for a file that was already there."""
     refreshes = {}
     for workflow, node_type in (("personalize_and_generate", "DATEncoderSaveConcept"),
                                 ("save_and_reuse_concept", "DATEncoderExportConcept")):
+        file = f"/models/{node_type}.safetensors"
+        outputs = [{"text": [f"saved {file}"]},
+                   {"text": ["..."], "datencoder": [{"files": [file], "saved": False}]},
+                   {"text": ["..."], "datencoder": [{"files": [file], "saved": True}]},
+                   {"text": ["..."], "datencoder": [{"files": [file], "saved": True}]}]  # the cache's replay
         editor.load(workflow)
         refreshes[node_type] = editor.page.evaluate("""([type, outputs]) => {
             const node = app.graph.nodes.find(n => n.type === type);
@@ -205,7 +243,7 @@ def test_the_extension_refreshes_when_the_record_says_a_file_was_written(editor)
                 app.refreshComboInNodes = refresh;
             }
         }""", [node_type, outputs])
-    assert refreshes == {"DATEncoderSaveConcept": [0, 0, 1], "DATEncoderExportConcept": [0, 0, 1]}
+    assert refreshes == {"DATEncoderSaveConcept": [0, 0, 1, 0], "DATEncoderExportConcept": [0, 0, 1, 0]}
 
 
 def test_a_prompt_without_the_placeholder_is_refused_before_personalization(editor):

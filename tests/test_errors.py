@@ -1,5 +1,7 @@
 """Bad input gets one clear DATEncoderError that says what was expected, never a torch traceback."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -137,3 +139,37 @@ def test_encoder_header_whose_fingerprint_is_not_its_own(encoder, tmp_path):
     save_file(tensors, str(path), metadata={**metadata, "base_fingerprint": "0123456789abcdef"})
     with pytest.raises(DATEncoderError, match="damaged encoder header: its base_fingerprint 0123456789abcdef does not"):
         load_encoder(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["v_star", "lora"])
+def test_a_concept_file_with_nan_or_inf_is_refused_naming_it(concept_file, tmp_path, where, bad):
+    concept = Concept.load(concept_file)
+    if where == "v_star":
+        concept.v_star[3] = bad
+        name = "v_star"
+    else:
+        site = next(iter(concept.lora.up))
+        concept.lora.up[site][0, 0] = bad
+        name = f"lora.{site}.up"
+    path = tmp_path / "diverged.safetensors"
+    concept.save(path)
+    with pytest.raises(DATEncoderError, match=rf"^the concept {re.escape(str(path))} holds NaN or inf values "
+                                              rf"\(in {re.escape(name)}\); it cannot be used"):
+        Concept.load(path)
+
+
+def test_an_empty_start_word_is_refused(backend, cat_image):
+    from datencoder_core import personalize_from_word, word_start
+
+    for word in ("", "   "):
+        with pytest.raises(DATEncoderError, match=r"the start word .* has no tokens: name the concept's class word"):
+            word_start(backend, word, LoRAConfig(), 0)
+    with pytest.raises(DATEncoderError, match="has no tokens"):
+        personalize_from_word(backend, " ", LoRAConfig(), cat_image, TuningConfig(steps=1))
+
+
+def test_steps_up_to_2000():
+    assert TuningConfig(steps=2000).steps == 2000
+    with pytest.raises(DATEncoderError, match=r"steps must be in \[0, 2000\]"):
+        TuningConfig(steps=2001)

@@ -234,3 +234,129 @@ def test_validation_uses_the_configured_encoder_timestep(tiny_models, backend, c
     square = cat_image[:, :, 75:375]  # the grid's photos are the training crops, square
     grids = [sample_grid(backend, encoder, square, 0.25, 2, 0, TuningConfig(encoder_timestep=t)) for t in (500, 100)]
     assert not torch.equal(*grids)
+
+
+# The encoder-free path (issue 27): personalize_from_word, the same tune() from a class word's start.
+
+WORD = TuningConfig(steps=20, lr=1e-3, timesteps_per_step=4)  # WORD_START_TUNING's lr, fewer steps for the CPU
+
+
+def test_word_start_is_the_words_embedding_and_loras_standard_init(backend):
+    """v*_0 is the mean of the word's token rows (one token: its row); A is uniform in +-1/sqrt(D_in) on every
+    site, B zero; the seed decides A."""
+    from datencoder_core import LoRAConfig, word_start
+
+    for word in ("cat", "a red teapot"):  # the tiny vocabulary spells both in several tokens
+        ids = backend.word_token_ids(word)
+        assert ids and backend.special_token_ids[0] not in ids and backend.special_token_ids[-1] not in ids
+        v, lora = word_start(backend, word, LoRAConfig(), seed=0)
+        assert v.dtype == torch.float32 and torch.equal(v, backend.token_embeddings[ids].float().mean(0))
+    assert len(ids) > 1
+    [one] = backend.word_token_ids("a")  # a one-token word: its row
+    assert torch.equal(word_start(backend, "a", LoRAConfig(), 0)[0], backend.token_embeddings[one])
+    assert set(lora.down) == {s.name for s in backend.sites} and lora.scale == LoRAConfig().scale
+    for site in backend.sites:
+        a, b = lora.down[site.name], lora.up[site.name]
+        assert a.shape == (4, site.in_features) and a.abs().max() <= 1 / site.in_features**0.5 and a.abs().max() > 0
+        assert b.shape == (site.out_features, 4) and not b.any()
+    again, other = (word_start(backend, "cat", LoRAConfig(), seed)[1] for seed in (0, 1))
+    name = backend.sites[0].name
+    assert torch.equal(again.down[name], lora.down[name]) and not torch.equal(other.down[name], lora.down[name])
+
+
+def test_personalize_from_word_starts_at_the_word(backend, cat_image):
+    from datencoder_core import LoRAConfig, personalize_from_word, word_start
+
+    start = personalize_from_word(backend, "cat", LoRAConfig(), cat_image, dataclasses.replace(WORD, steps=0))
+    v, lora = word_start(backend, "cat", LoRAConfig(), WORD.seed)
+    assert torch.equal(start.v_star, v) and all(torch.equal(start.lora.down[k], lora.down[k]) for k in lora.down)
+    assert start.encoder_id == "none" and start.init_word == "cat" and start.tuning.steps == 0
+    assert start.token_id == nearest_tokens(v[None], backend.token_embeddings, 1, backend.special_token_ids)[0, 0]
+
+
+def _learning(backend, cat_image, config):
+    """(loss drop, LoRA's share) of the encoder-free path on fixed held-out (t, noise) draws: the loss of the
+    start minus that of the tuned concept, and the tuned concept's loss with its start LoRA (dW = 0) minus
+    its loss with its tuned LoRA, i.e. what dW learnt."""
+    from datencoder_core import LoRAConfig, personalize_from_word
+
+    latents = backend.encode_latents(cat_image)
+    start, tuned = (personalize_from_word(backend, "cat", LoRAConfig(), cat_image, dataclasses.replace(config, steps=n))
+                    for n in (0, config.steps))
+    without_dw = dataclasses.replace(tuned, lora=start.lora)
+    loss = _diffusion_loss(backend, tuned, latents, config)
+    return (_diffusion_loss(backend, start, latents, config) - loss,
+            _diffusion_loss(backend, without_dw, latents, config) - loss)
+
+
+def _assert_learns(drop, lora_share):
+    assert drop > 2e-4 and lora_share > 1e-4, (drop, lora_share)
+
+
+def test_encoder_free_path_lowers_the_loss_and_a_broken_start_does_not(backend, cat_image, monkeypatch):
+    """From the word and dW = 0 the held-out diffusion loss drops over the steps, and dW has its share of the
+    drop. Broken control: A = B = 0 at the start gives dW no gradient (dL/dB = 0 through A = 0, dL/dA = 0
+    through B = 0), so dW stays 0 and the same check fails."""
+    _assert_learns(*_learning(backend, cat_image, WORD))
+
+    start = datencoder_core.tuning._word_start
+
+    def broken(*args):
+        v, lora = start(*args)
+        return v, type(lora)({k: torch.zeros_like(a) for k, a in lora.down.items()}, lora.up, lora.scale)
+
+    monkeypatch.setattr(datencoder_core.tuning, "_word_start", broken)
+    drop, lora_share = _learning(backend, cat_image, WORD)
+    assert lora_share == 0.0
+    with pytest.raises(AssertionError):
+        _assert_learns(drop, lora_share)
+
+
+def test_personalize_from_word_is_deterministic(backend, cat_image):
+    from datencoder_core import LoRAConfig, personalize_from_word
+
+    config = dataclasses.replace(WORD, steps=2)
+    a, b, c = (personalize_from_word(backend, "cat", LoRAConfig(), cat_image, dataclasses.replace(config, seed=s))
+               for s in (0, 0, 1))
+    assert torch.equal(a.v_star, b.v_star) and all(torch.equal(a.lora.up[k], b.lora.up[k]) for k in a.lora.up)
+    assert all(torch.equal(a.lora.down[k], b.lora.down[k]) for k in a.lora.down)
+    assert not torch.equal(a.v_star, c.v_star)
+
+
+class _NaNBackend:
+    """The tiny backend whose UNet returns NaN from its ``bad_call``-th noise prediction on."""
+
+    def __init__(self, backend, bad_call=1):
+        self._backend, self._calls, self._bad_call = backend, 0, bad_call
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def predict_noise(self, *args, **kwargs):
+        self._calls += 1
+        out = self._backend.predict_noise(*args, **kwargs)
+        return out * float("nan") if self._calls >= self._bad_call else out
+
+
+@pytest.mark.parametrize("case", ["nan_backend", "huge_lr"])
+def test_a_non_finite_loss_stops_at_once_with_a_clear_error(backend, encoder, cat_image, case):
+    """Nothing non-finite is ever returned: the step, the lr and the fix are named, and no step follows."""
+    from datencoder_core import DATEncoderError, LoRAConfig, personalize_from_word
+
+    seen = []
+    if case == "nan_backend":
+        config, tuned = dataclasses.replace(WORD, steps=5), _NaNBackend(backend, bad_call=3)
+        with pytest.raises(DATEncoderError, match=r"^tuning diverged: the loss of step 3/5 is nan at lr 0\.001; no "
+                                                  r"concept was made\. Lower lr \(e\.g\. to 0\.0001\)"):
+            personalize_from_word(tuned, "cat", LoRAConfig(), cat_image, config,
+                                  progress=lambda i, n, loss: seen.append(i))
+        assert seen == [1, 2]
+        with pytest.raises(DATEncoderError, match="tuning diverged: the loss of step 1/3"):
+            personalize(_NaNBackend(backend), encoder, "enc", cat_image, FAST)
+    else:
+        config = dataclasses.replace(WORD, steps=30, lr=1e6, timesteps_per_step=1)
+        with pytest.raises(DATEncoderError, match=r"^tuning diverged: .* at lr 1e\+06; no concept was made\. Lower "
+                                                  r"lr \(e\.g\. to 100000\)"):
+            personalize_from_word(backend, "cat", LoRAConfig(), cat_image, config,
+                                  progress=lambda i, n, loss: seen.append(loss))
+        assert all(torch.isfinite(torch.tensor(seen)))

@@ -14,8 +14,12 @@ from training.demo import prepare_base_directory, use_demo_models
 from training.headless import demo_models
 from training.headless.comfyui import REPO, ComfyUIServer
 
-WORKFLOWS = ["personalize_and_generate", "save_and_reuse_concept", "two_concepts"]
+WORKFLOWS = ["personalize_and_generate", "personalize_without_encoder", "save_and_reuse_concept", "two_concepts"]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+TITLE_HEIGHT = 30  # the editor draws a node's title bar above its pos
+TEXT_ROOM = 80  # below a node that shows a text after a run (nodes.py's show_text): two lines and a margin
+TEXT_NODES = {"DATEncoderLoader", "DATEncoderPersonalize", "DATEncoderPersonalizeFromWord", "DATEncoderLoadConcept",
+              "DATEncoderSaveConcept", "DATEncoderExportConcept"}
 
 
 def _load(name, api=False):
@@ -77,12 +81,43 @@ def test_ui_workflow_is_its_api_twin_under_object_info(server, name):
     assert ui_to_api(workflow, object_info) == _load(name, api=True)
 
 
+def _boxes(workflow: dict) -> dict[int, tuple[float, float, float, float]]:
+    """Each node's box in the editor (x0, y0, x1, y1): its title bar, its body, and room for its text."""
+    return {node["id"]: (node["pos"][0], node["pos"][1] - TITLE_HEIGHT, node["pos"][0] + node["size"][0],
+                         node["pos"][1] + node["size"][1] + (TEXT_ROOM if node["type"] in TEXT_NODES else 0))
+            for node in workflow["nodes"]}
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_has_room_for_every_node_and_its_text(name):
+    """No two nodes overlap, also after a run has put its text under a node (two_concepts' Load Concept
+    covered Create Solid Mask); the negative prompt is titled as such, as in every example."""
+    workflow = _load(name)
+    boxes = sorted(_boxes(workflow).items())
+    overlaps = [(a, b) for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(boxes) for b, (bx0, by0, bx1, by1) in boxes[i + 1:]
+                if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1]
+    assert overlaps == []
+    negative = [node for node in workflow["nodes"] if node["type"] == "CLIPTextEncode"]
+    assert [node.get("title") for node in negative] == ["Negative prompt"] * len(negative)
+
+
+def test_the_encoder_free_example_needs_only_the_checkpoint_and_a_photo():
+    prompt = _load("personalize_without_encoder", api=True)
+    assert {node["class_type"] for node in prompt.values()} == {
+        "CheckpointLoaderSimple", "LoadImage", "DATEncoderPersonalizeFromWord", "DATEncoderDualPathPatch",
+        "DATEncoderApplyConceptToken", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
+        "DATEncoderSaveConcept"}
+    assert [node["inputs"]["ckpt_name"] for node in prompt.values() if node["class_type"] == "CheckpointLoaderSimple"] \
+        == ["v1-5-pruned-emaonly.safetensors"]
+
+
 def _quick(prompt: dict) -> dict:
     """The twin on the demo set at test cost: 2 tuning steps of 1 timestep, 2 sampling steps, 128 px (the
     demo set's VAE is the full SD one: decoding 2 images at 256 px took 39 s on 2 busy CPU cores)."""
     use_demo_models(prompt)
     for node in prompt.values():
-        settings = {"DATEncoderPersonalize": {"steps": 2, "timesteps_per_step": 1}, "KSampler": {"steps": 2},
+        settings = {"DATEncoderPersonalize": {"steps": 2, "timesteps_per_step": 1},
+                    "DATEncoderPersonalizeFromWord": {"steps": 2, "timesteps_per_step": 1}, "KSampler": {"steps": 2},
                     "EmptyLatentImage": {"width": 128, "height": 128}}.get(node["class_type"], {})
         node["inputs"].update(settings)
     return prompt
@@ -112,7 +147,7 @@ def test_api_workflows_personalize_save_then_reuse_and_export(server):
     images = _images(base, second)
     assert len(images) == 2 and all(i.shape == (128, 128, 3) for i in images)
     shown = second.history["outputs"]["2"]["text"][0].splitlines()  # Load Concept: the word, then provenance
-    assert shown[0] == nearest and shown[1].startswith("tuning: steps=2, lr=0.002, alpha_blend=0.25, ")
+    assert shown == [nearest, "tuning: steps=2, lr=0.002, alpha_blend=0.25"]  # two short lines: fits the node
     assert (base / "models" / "loras" / "my_concept.safetensors").is_file()
     assert (base / "models" / "embeddings" / "my_concept.safetensors").is_file()
 
@@ -141,3 +176,16 @@ def test_api_workflow_two_concepts_in_one_prompt_with_masks(server, demo_models_
     assert len(images) == 2 and all(i.shape == (128, 128, 3) for i in images)
     shown = [run.history["outputs"][node]["text"][0].splitlines()[0] for node in ("2", "3")]
     assert shown == ["nearest word: dog</w>", "nearest word: backpack</w>"]
+
+
+def test_api_workflow_personalize_without_encoder(server):
+    """The checkpoint and a photo, no clip_vision and no encoder: the concept is tuned from the word's
+    embedding, saved, and generates; its record says no encoder made it."""
+    run = server.run(_quick(_load("personalize_without_encoder", api=True)))
+    images = _images(server.base, run)
+    assert len(images) == 2 and all(i.shape == (128, 128, 3) for i in images)
+    [record] = run.history["outputs"]["5"]["datencoder"]
+    assert len(record["losses"]) == 2 and all(np.isfinite(record["losses"]))
+    [saved] = run.history["outputs"]["13"]["datencoder"]
+    concept = Concept.load(saved["files"][0])
+    assert concept.token == record["token"] and concept.encoder_id == record["encoder_id"]

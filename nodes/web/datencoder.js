@@ -7,6 +7,9 @@
 import { app } from "../../scripts/app.js";
 
 const WRITERS = new Set(["DATEncoderSaveConcept", "DATEncoderExportConcept"]);
+// Files this page already refreshed for: an unchanged re-run answered from ComfyUI's cache replays the
+// node's first ui output (saved: true), which writes nothing new.
+const known = new Set();
 
 app.registerExtension({
   name: "DATEncoder.RefreshAfterSave",
@@ -15,7 +18,10 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);
-      if (output?.datencoder?.some((record) => record.saved)) app.refreshComboInNodes();
+      const written = (output?.datencoder ?? []).filter((record) => record.saved).flatMap((record) => record.files);
+      const added = written.filter((file) => !known.has(file));
+      added.forEach((file) => known.add(file));
+      if (added.length) app.refreshComboInNodes();
     };
   },
 });

@@ -6,7 +6,7 @@
     accelerate launch -m training.evaluate ...                  # the concepts shared between processes
 
 Each concept x variant is one unit: personalize from the concept's first photo with the core code the
-node runs (``personalize``, or ``tune`` from a class-word start for ``scratch``), generate every prompt
+node runs (``personalize``, or ``personalize_from_word`` from the class word for ``scratch``), generate every prompt
 through the reference backend (DDIM, classifier-free guidance, dual path; image i of prompt p has the
 seed ``seed + 1000 p + i`` in every variant), score against all the concept's photos, and write
 ``units/<concept>/<variant>.json`` and ``grids/<concept>/<variant>.png`` (a row per prompt). A rerun
@@ -22,8 +22,10 @@ Variants (``VARIANTS``; ``scratch:N`` is ``scratch`` with N steps):
 * encoder_only: the encoder's prediction, no tuning (0 steps), dual path.
 * no_dual_path: encoder + 12 steps, tuning and sampling at alpha 1.
 * no_tuning_no_dual: the encoder's prediction at alpha 1.
-* scratch: no encoder; v* starts at the class word's embedding (the mean over its tokens), A at peft's
-  LoRA init (uniform in +-1/sqrt(D_in)) and B at zero (dW = 0); the same 12 steps and dual path as full.
+* scratch: no encoder (Personalize Concept (no encoder), ``datencoder_core.tuning.personalize_from_word``): v*
+  starts at the class word's embedding (the mean over its tokens), A at peft's LoRA init (uniform in
+  +-1/sqrt(D_in)) and B at zero (dW = 0); the same 12 steps and dual path as full (the node's own default is
+  ``WORD_START_TUNING``, 200 steps at lr 1e-3).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -40,8 +41,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from datencoder_core import (Concept, DATEncoderError, LoRAConfig, LoRAFactors, TuningConfig, load_encoder,
-                             personalize, save_encoder, tune)
+from datencoder_core import (Concept, DATEncoderError, LoRAConfig, TuningConfig, load_encoder, personalize,
+                             personalize_from_word, save_encoder)
 from datencoder_core.atomic import atomic_write, atomic_write_text
 from training.evaluate.concepts import (PROJECT_PROMPTS, ConceptSpec, Prompt, load_photo, read_concepts,
                                         read_prompts, write_tiny_concepts)
@@ -145,27 +146,10 @@ def check_inputs(args: argparse.Namespace, tuning: TuningConfig) -> tuple[list[C
     return concepts, prompts, [parse_variant(v, tuning) for v in args.variants]
 
 
-def word_embedding(backend, word: str) -> tuple[torch.Tensor, list[int]]:
-    """The one class-word rule: a word's embedding is the mean of its tokens' rows of the token-embedding
-    table (one token: its row). Returns it (D,) in float32 and the token ids."""
-    ids = backend.tokenizer(word, add_special_tokens=False).input_ids
-    return backend.token_embeddings[ids].float().mean(0), ids
-
-
 def scratch_concept(backend, lora_config: LoRAConfig, class_word: str, image: torch.Tensor,
                     config: TuningConfig) -> Concept:
-    """The ``scratch`` baseline: ``tune`` from the class word's embedding and a LoRA with dW = 0."""
-    v_start, _ = word_embedding(backend, class_word)
-    generator = torch.Generator().manual_seed(config.seed)
-    down, up = {}, {}
-    for site in backend.sites:
-        bound = 1 / math.sqrt(site.in_features)
-        down[site.name] = ((torch.rand(lora_config.rank, site.in_features, generator=generator) * 2 - 1) * bound)
-        up[site.name] = torch.zeros(site.out_features, lora_config.rank)
-    lora = LoRAFactors({k: v.to(backend.device) for k, v in down.items()},
-                       {k: v.to(backend.device) for k, v in up.items()}, lora_config.scale)
-    return tune(backend, backend.encode_latents(image), v_start, lora, "scratch", lora_config.targets, config,
-                generator)
+    """The ``scratch`` baseline: the node's encoder-free path (``personalize_from_word``) from the class word."""
+    return personalize_from_word(backend, class_word, lora_config, image, config)
 
 
 def run_unit(backend, encoder, encoder_id: str, metric_models: MetricModels, concept: ConceptSpec,

@@ -8,7 +8,9 @@
   at levels 1 and 2 and in the middle block (7 transformer blocks, 42 LoRA sites).
 * ``clip_vision/datencoder_demo_vit_h14.safetensors``: a full-size ViT-H-14 (Load CLIP Vision chooses its
   config by layer count), float16, 1.2 GB.
-* ``datencoder/datencoder_demo.safetensors``: a DATEncoder for that checkpoint.
+* ``datencoder/datencoder_demo.safetensors``: a DATEncoder for that checkpoint, its metadata flagged
+  ``DEMO_FLAG`` so that Personalize Concept can say its nearest word is no result (with random weights
+  every photo gets the same word).
 The weights are random: the demo shows the pipeline and its cost, not a likeness.
 """
 
@@ -21,10 +23,11 @@ import torch
 
 from training.headless.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
 
-VERSION = 2  # bump when the files change, so caches are rebuilt (2: the standard-width VAE decoder)
+VERSION = 3  # bump when the files change, so caches are rebuilt (2: the standard-width VAE decoder; 3: DEMO_FLAG)
 CHECKPOINT = "datencoder_demo_sd15.safetensors"
 CLIP_VISION = "datencoder_demo_vit_h14.safetensors"
 ENCODER = "datencoder_demo.safetensors"
+DEMO_FLAG = {"datencoder_demo": "random weights"}  # in the demo files' safetensors metadata
 FILES = {"checkpoints": CHECKPOINT, "clip_vision": CLIP_VISION, "datencoder": ENCODER}
 
 UNET_CONFIG = {
@@ -78,7 +81,7 @@ def write_demo_models(folder: Path, seed: int = 0) -> None:
     seeded_random_init(vae_model, seed + 2)
     vae = comfy.sd.VAE(sd=vae_model.half().state_dict())  # ComfyUI's own VAE detection must accept it
     comfy.sd.save_checkpoint(str(folder / "checkpoints" / CHECKPOINT), patcher, clip, vae,
-                             metadata={"datencoder_demo": "random weights"})
+                             metadata=dict(DEMO_FLAG))
 
     clip_vision = comfy.clip_vision.ClipVisionModel(str(comfyui_path() / "comfy" / "clip_vision_config_h.json"))
     seeded_random_init(clip_vision.model, seed + 3)
@@ -88,4 +91,5 @@ def write_demo_models(folder: Path, seed: int = 0) -> None:
     sites, _ = patching.comfy_sites(patcher)
     torch.manual_seed(seed + 4)
     encoder = core.DATEncoder(core.EncoderConfig(unet_dim=UNET_CONFIG["model_channels"]), core.LoRAConfig(), sites)
-    core.save_encoder(encoder, folder / "datencoder" / ENCODER, name="datencoder-demo-random")
+    core.save_encoder(encoder, folder / "datencoder" / ENCODER, name="datencoder-demo-random",
+                      extra_metadata=dict(DEMO_FLAG))

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datencoder_core import LoRAConfig, LoRAFactors
+from datencoder_core import LoRAConfig, LoRAFactors, word_start
 from training.evaluate.concepts import load_photo
-from training.evaluate.run import word_embedding
 from training.evaluate.sampling import ConceptPrediction, generate
 from training.toyworld import world
 from training.toyworld.models import load_world_models
@@ -50,7 +49,8 @@ def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int =
                           {s.name: torch.zeros(s.out_features, 1) for s in backend.sites}, 1.0)
 
     def shape_word(shape: str) -> ConceptPrediction:
-        embedding, (token,) = word_embedding(backend, shape)  # every shape is one token of the world's vocabulary
+        (token,) = backend.word_token_ids(shape)  # every shape is one token of the world's vocabulary
+        embedding, _ = word_start(backend, shape, LoRAConfig(), seed=0)  # its embedding; its LoRA start is unused
         return ConceptPrediction(embedding, no_lora, token)
 
     def sample(word: ConceptPrediction, text: str) -> torch.Tensor:
