@@ -111,6 +111,18 @@ class DATEncoderLoader(io.ComfyNode):
                      LoadedEncoder(encoder, encoder_id, path))
 
 
+def _tuning_inputs(defaults: TuningConfig, lr_tooltip: str, seed_tooltip: str) -> list:
+    """The tuning inputs both Personalize nodes end with: lr, alpha_blend, timesteps_per_step, seed."""
+    return [io.Float.Input("lr", default=defaults.lr, min=1e-5, max=1e-1, step=1e-4, tooltip=lr_tooltip),
+            io.Float.Input("alpha_blend", default=defaults.alpha_blend, min=0.0, max=1.0, step=0.01,
+                           tooltip="the dual-path blend WHILE TUNING, 0-1 (the paper: 0.25): the weight of the "
+                                   "concept's path. Sampling uses Dual-Path Model Patch's own alpha_blend"),
+            io.Int.Input("timesteps_per_step", default=defaults.timesteps_per_step, min=1, max=32,
+                         tooltip="random diffusion timesteps per tuning step (its mini-batch), 1-32 (default 4)"),
+            io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate="fixed",
+                         tooltip=seed_tooltip)]
+
+
 class DATEncoderPersonalize(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -132,18 +144,11 @@ class DATEncoderPersonalize(io.ComfyNode):
                     io.Int.Input("steps", default=defaults.steps, min=0, max=100,
                                  tooltip="tuning steps after the encoder's prediction, 0-100 (the paper: 12; "
                                          "0 = the encoder's prediction only)"),
-                    io.Float.Input("lr", default=defaults.lr, min=1e-5, max=1e-1, step=1e-4,
-                                   tooltip="AdamW learning rate of the tuning steps, 1e-5 to 0.1 (the paper: 2e-3)"),
-                    io.Float.Input("alpha_blend", default=defaults.alpha_blend, min=0.0, max=1.0, step=0.01,
-                                   tooltip="the dual-path blend WHILE TUNING, 0-1 (the paper: 0.25): the weight of "
-                                           "the concept's path. Sampling uses Dual-Path Model Patch's own "
-                                           "alpha_blend"),
-                    io.Int.Input("timesteps_per_step", default=defaults.timesteps_per_step, min=1, max=32,
-                                 tooltip="random diffusion timesteps per tuning step (its mini-batch), 1-32 "
-                                         "(default 4)"),
-                    io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate="fixed",
-                                 tooltip="seed of the tuning timesteps and noise: the same photo and seed give the "
-                                         "same concept. Keep it fixed, so a new Run reuses the concept")],
+                    *_tuning_inputs(defaults, lr_tooltip="AdamW learning rate of the tuning steps, 1e-5 to 0.1 (the "
+                                                         "paper: 2e-3)",
+                                    seed_tooltip="seed of the tuning timesteps and noise: the same photo and seed "
+                                                 "give the same concept. Keep it fixed, so a new Run reuses the "
+                                                 "concept")],
             outputs=[ConceptType.Output(tooltip="the concept: its word embedding v*, LoRA offsets and nearest "
                                                 "word, for Dual-Path Model Patch, Apply Concept Token, Save Concept")],
             hidden=[io.Hidden.unique_id],
@@ -217,19 +222,10 @@ class DATEncoderPersonalizeFromWord(io.ComfyNode):
                                             "tuning starts; several tokens -> the mean of their embeddings"),
                     io.Int.Input("steps", default=defaults.steps, min=1, max=2000,
                                  tooltip="tuning steps, 1-2000 (default 200; more fits the photo closer)"),
-                    io.Float.Input("lr", default=defaults.lr, min=1e-5, max=1e-1, step=1e-4,
-                                   tooltip="AdamW learning rate, 1e-5 to 0.1 (default 1e-3; lower it if tuning "
-                                           "diverges)"),
-                    io.Float.Input("alpha_blend", default=defaults.alpha_blend, min=0.0, max=1.0, step=0.01,
-                                   tooltip="the dual-path blend WHILE TUNING, 0-1 (the paper: 0.25): the weight of "
-                                           "the concept's path. Sampling uses Dual-Path Model Patch's own "
-                                           "alpha_blend"),
-                    io.Int.Input("timesteps_per_step", default=defaults.timesteps_per_step, min=1, max=32,
-                                 tooltip="random diffusion timesteps per tuning step (its mini-batch), 1-32 "
-                                         "(default 4)"),
-                    io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate="fixed",
-                                 tooltip="seed of the LoRA start, the tuning timesteps and noise: the same photo, "
-                                         "word and seed give the same concept. Keep it fixed")],
+                    *_tuning_inputs(defaults, lr_tooltip="AdamW learning rate, 1e-5 to 0.1 (default 1e-3; lower it "
+                                                         "if tuning diverges)",
+                                    seed_tooltip="seed of the LoRA start, the tuning timesteps and noise: the same "
+                                                 "photo, word and seed give the same concept. Keep it fixed")],
             outputs=[ConceptType.Output(tooltip="the concept: its word embedding v*, LoRA offsets and nearest "
                                                 "word, for Dual-Path Model Patch, Apply Concept Token, Save Concept")],
             hidden=[io.Hidden.unique_id],
