@@ -70,7 +70,9 @@ def test_same_inputs_and_seed_give_the_same_concept(stack, cat_image):
     assert not torch.equal(first.v_star, other.v_star)
 
 
-def test_cancel_stops_within_one_step_and_leaves_inputs_untouched(stack, cat_image):
+def _steps_before_cancel(stack, run) -> list[int]:
+    """Run ``run()`` with the user pressing Cancel after its first step; the steps the progress bar saw. It
+    must raise ComfyUI's interrupt and leave the inputs untouched."""
     import comfy.model_management
     import comfy.utils
 
@@ -84,12 +86,16 @@ def test_cancel_stops_within_one_step_and_leaves_inputs_untouched(stack, cat_ima
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            _personalize(stack, cat_image, steps=5)
+            run()
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
-    assert steps_done == [1]
     assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack), strict=True))
+    return steps_done
+
+
+def test_cancel_stops_within_one_step_and_leaves_inputs_untouched(stack, cat_image):
+    assert _steps_before_cancel(stack, lambda: _personalize(stack, cat_image, steps=5)) == [1]
 
 
 @pytest.mark.parametrize("make", [
@@ -296,25 +302,7 @@ def test_personalize_from_word_same_inputs_and_seed_give_the_same_concept(stack,
 
 
 def test_personalize_from_word_cancel_stops_within_one_step(stack, cat_image):
-    import comfy.model_management
-    import comfy.utils
-
-    before = _fingerprints(stack)
-    steps_done = []
-
-    def hook(value, total, preview, node_id=None):
-        steps_done.append(value)
-        comfy.model_management.interrupt_current_processing(True)  # the user presses Cancel after step 1
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            _from_word(stack, cat_image, steps=50)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
-    assert steps_done == [1]
-    assert all(torch.equal(a, b) for a, b in zip(before, _fingerprints(stack), strict=True))
+    assert _steps_before_cancel(stack, lambda: _from_word(stack, cat_image, steps=50)) == [1]
 
 
 def test_an_empty_init_word_is_refused_when_queued_and_when_run(stack, cat_image):
