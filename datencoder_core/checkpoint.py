@@ -176,6 +176,18 @@ def load_encoder(path: str | os.PathLike) -> tuple[DATEncoder, str]:
     return encoder.eval(), metadata["encoder_id"]
 
 
+# Set in the safetensors metadata of files with untrained weights (the demo model set's), to what the weights are
+# (e.g. "random weights"): the nodes say so beside what such a file makes, so nobody takes it for a result.
+DEMO_KEY = "datencoder_demo"
+
+
+def demo_weights(path: str | os.PathLike) -> str | None:
+    """The ``DEMO_KEY`` metadata of the (readable) safetensors file at ``path``: what its weights are when it is
+    a demo file, else None."""
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(DEMO_KEY)
+
+
 def check_base_model(what: str, made_for: str, target: str, used_with: str) -> None:
     """The pack's one base-model check: raise ``DATEncoderError`` when ``what`` (a concept or an encoder,
     named with its file, e.g. "the concept cat.safetensors") was made for another base model than

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from ..datencoder_core import (WORD_START_TUNING, Concept, DATEncoder, LoRAConfig, TuningConfig,
                                architecture_fingerprint, load_encoder, personalize, personalize_from_word)
-from ..datencoder_core.checkpoint import check_base_model
+from ..datencoder_core.checkpoint import check_base_model, demo_weights
 from . import compat, paths
 from .backend import ComfyUIBackend
 from .conditioning import encode_with_concepts, placeholder_problem, prompt_problem
@@ -72,10 +72,11 @@ def _node_id(cls) -> str | None:
 class LoadedEncoder:
     """DATENCODER: the encoder in a ModelPatcher, so that ComfyUI's model management moves it to the
     GPU with the models it runs beside and offloads it after; ``encoder_id`` names its weights, ``path``
-    the file they were loaded from."""
+    the file they were loaded from; ``note``, shown beside what it makes, says when its weights are a demo
+    file's (``checkpoint.demo_weights``)."""
 
-    def __init__(self, encoder: DATEncoder, encoder_id: str, path: str | None = None):
-        self.encoder_id, self.path = encoder_id, path
+    def __init__(self, encoder: DATEncoder, encoder_id: str, path: str | None = None, note: str | None = None):
+        self.encoder_id, self.path, self.note = encoder_id, path, note
         self.patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=comfy.model_management.get_torch_device(),
                                                         offload_device=comfy.model_management.unet_offload_device())
 
@@ -107,8 +108,10 @@ class DATEncoderLoader(io.ComfyNode):
     def execute(cls, encoder_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(paths.ENCODERS, encoder_name)
         encoder, encoder_id = load_encoder(path)
-        return shown(_node_id(cls), f"encoder {encoder_id}", {"encoder_id": encoder_id},
-                     LoadedEncoder(encoder, encoder_id, path))
+        weights = demo_weights(path)
+        note = f"demo encoder ({weights}): not a result" if weights else None
+        return shown(_node_id(cls), "\n".join([f"encoder {encoder_id}", *([note] if note else [])]),
+                     {"encoder_id": encoder_id}, LoadedEncoder(encoder, encoder_id, path, note))
 
 
 def _tuning_inputs(defaults: TuningConfig, lr_tooltip: str, seed_tooltip: str) -> list:
@@ -166,16 +169,17 @@ class DATEncoderPersonalize(io.ComfyNode):
             return personalize(backend, datencoder.encoder, datencoder.encoder_id, image, config, progress=progress,
                                interrupt=interrupt)
 
-        return run_tuning(_node_id(cls), steps, make)
+        return run_tuning(_node_id(cls), steps, make, note=datencoder.note)
 
 
 ETA_AFTER_STEPS = 10  # runs longer than this show the time left in their progress text
 
 
-def run_tuning(node_id: str | None, steps: int, make) -> io.NodeOutput:
+def run_tuning(node_id: str | None, steps: int, make, note: str | None = None) -> io.NodeOutput:
     """The shared body of the two Personalize nodes: ``make(progress, interrupt)`` creates the backend and
     returns the concept; this shows each step's loss (and, on runs over ``ETA_AFTER_STEPS`` steps, the time
-    left) on the node, stops within one step on Cancel, and outputs the concept with its ui record."""
+    left) on the node, stops within one step on Cancel, and outputs the concept with its ui record. ``note``
+    (the demo encoder's) is shown under the nearest word."""
     bar = comfy.utils.ProgressBar(max(steps, 1))
     losses: list[float] = []
     start = time.monotonic()
@@ -195,7 +199,8 @@ def run_tuning(node_id: str | None, steps: int, make) -> io.NodeOutput:
         show_text(node_id, f"cancelled after step {len(losses)}/{steps}: no concept was made")
         raise
     logger.info("DATEncoder: concept ready, nearest word %r", concept.token)
-    return shown(node_id, f"nearest word: {concept.token}", {**concept_record(concept), "losses": losses}, concept)
+    return shown(node_id, "\n".join([f"nearest word: {concept.token}", *([note] if note else [])]),
+                 {**concept_record(concept), "losses": losses}, concept)
 
 
 class DATEncoderPersonalizeFromWord(io.ComfyNode):

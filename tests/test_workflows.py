@@ -135,11 +135,12 @@ def test_api_workflows_personalize_save_then_reuse_and_export(server):
     first = server.run(prompt, on_text=lambda n, t: texts.append((n, t)))
     images = _images(base, first)
     assert len(images) == 2 and all(i.shape == (128, 128, 3) for i in images)
-    nearest = first.history["outputs"]["5"]["text"][0]
+    nearest, note = first.history["outputs"]["5"]["text"][0].splitlines()
     saved = Concept.load(base / "models" / "datencoder_concepts" / "my_concept.safetensors")
     assert nearest == f"nearest word: {saved.token}"
+    assert note == "demo encoder (random weights): not a result"  # the demo file's DEMO_KEY says so
     shown = [t.split("  loss")[0] for n, t in texts if n == "5"]  # the loss live, then the word stays on the node
-    assert shown == ["step 1/2", "step 2/2", nearest.replace("</w>", "")]
+    assert shown == ["step 1/2", "step 2/2", "\n".join([nearest, note]).replace("</w>", "")]
     settings = {k: v for k, v in prompt["5"]["inputs"].items() if not isinstance(v, list)}  # the widgets
     assert saved.tuning == TuningConfig(**settings) and saved.lora_targets == LoRAConfig().targets
 

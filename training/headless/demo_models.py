@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from datencoder_core.checkpoint import DEMO_KEY
 from training.headless.comfyui import comfyui_path, import_comfyui, pack_module, seeded_random_init
 
 VERSION = 3  # bump when the files change, so caches are rebuilt (2: the standard-width VAE decoder; 3: DEMO_FLAG)
 CHECKPOINT = "datencoder_demo_sd15.safetensors"
 CLIP_VISION = "datencoder_demo_vit_h14.safetensors"
 ENCODER = "datencoder_demo.safetensors"
-DEMO_FLAG = {"datencoder_demo": "random weights"}  # in the demo files' safetensors metadata
+DEMO_FLAG = {DEMO_KEY: "random weights"}  # in the demo files' safetensors metadata
 FILES = {"checkpoints": CHECKPOINT, "clip_vision": CLIP_VISION, "datencoder": ENCODER}
 
 UNET_CONFIG = {
