@@ -8,8 +8,8 @@
    process's peak RSS growth.
 3. against ComfyUI's own LoRA trainer: Personalize Concept (no encoder)'s tuning beside TrainLoraNode
    (comfy_extras/nodes_train.py, rank 4, AdamW, its default gradient checkpointing), both on one photo at
-   ``--train-size`` px and one random SD1.5-structured checkpoint file (the demo set's narrow UNet, full CLIP-L and
-   VAE) loaded as Load Checkpoint loads it, float32, the same steps, one sample per step (ours at
+   ``--train-size`` px and one random SD1.5 checkpoint file (SD1.5's UNet, CLIP-L and VAE at full size: a copy
+   of the UNet is what the memory goal is about) loaded as Load Checkpoint loads it, float32, the same steps, one sample per step (ours at
    timesteps_per_step 1, theirs at batch 1), both given the photo's latents (VAE Encode not counted): median seconds per step (from ComfyUI's progress bar) and
    the peak memory each adds beyond the loaded models, as ratios ours / theirs.
 
@@ -35,7 +35,7 @@ from skimage import data
 
 from benchmarks.measure import LiveTensorBytes, Measure
 from training.headless.comfyui import import_comfyui, pack_module, seeded_random_init
-from training.headless.demo_models import UNET_CONFIG, VAE_CONFIG
+from training.headless.demo_models import VAE_CONFIG
 from training.headless.random_models import (comfy_model_from_diffusers, comfy_vae_from_diffusers, random_comfy_clip,
                                              random_comfy_clip_vision)
 from training.models.reference import build_random_models
@@ -85,16 +85,27 @@ def sampling_ratio(model, clip, concept, steps: int, size: int) -> tuple[float, 
     return statistics.median(steps_seconds["plain"]), statistics.median(steps_seconds["dual path"])
 
 
+# SD1.5's UNet, as ComfyUI's model detection describes it (comfy/model_detection.py, ``SD15``).
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
 def write_checkpoint(path: Path) -> None:
-    """A random SD1.5-structured checkpoint file (float16, as downloads are): the demo set's UNet
-    (``demo_models.UNET_CONFIG``), a full CLIP-L and VAE. TrainLoraNode needs a model loaded from a file: in
-    ComfyUI 0.30 it clones with ``force_deepcopy``, which reloads the file."""
+    """A random SD1.5 checkpoint file (float16, as downloads are): SD1.5's UNet, CLIP-L and VAE at full size.
+    TrainLoraNode needs a model loaded from a file: in ComfyUI 0.30 it clones with ``force_deepcopy``, which
+    reloads the file."""
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
     model = config.get_model({})
     seeded_random_init(model.diffusion_model, 0)
     cpu = torch.device("cpu")

@@ -150,8 +150,10 @@ class TuningConfig(_Serializable):
 
 # The encoder-free path (``tuning.personalize_from_word``): v* from a class word, LoRA from dW = 0, so many more
 # steps than the encoder's 12, at a lower lr than the paper's 2e-3 (meant for <= 12 steps from a good start).
-# Reasoning (/tmp/research_27.md, section 1): diffusers' DreamBooth-LoRA runs 500 steps at lr 1e-4, batch 1, about
-# 125 of our 4-timestep steps (200 leaves headroom for a class-word start); its A ~ N(0, 1/r) has about 10x the rms
-# of our peft-style A ~ U(+-1/sqrt(D_in)), and under Adam dW grows with lr * rms(A), so 1e-3 restores its rate;
-# for v*, 1e-3 is half of textual inversion's effective 2e-3 (diffusers and cloneofsimo with --scale_lr).
+# Practice on few images, in our steps of 4 (image, timestep) samples: diffusers' DreamBooth-LoRA README runs 500
+# steps at lr 1e-4, batch 1 (about 125 of ours), Custom Diffusion 250 at batch 2 (about 125), textual inversion
+# (diffusers' README) 3000 at batch 1 x 4 accumulated, effective lr 2e-3; one image needs the low end, and 200
+# leaves headroom for a class-word start. diffusers' LoRA A ~ N(0, 1/r) has about 10x the rms of our peft-style
+# A ~ U(+-1/sqrt(D_in)), and under Adam dW grows with lr * rms(A), so 1e-3 restores its rate; for v*, 1e-3 is
+# half of textual inversion's effective 2e-3 (docs/design.md, "The encoder-free path").
 WORD_START_TUNING = TuningConfig(steps=200, lr=1e-3)

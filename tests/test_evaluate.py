@@ -191,3 +191,17 @@ def test_the_official_dreambench_prompt_file_is_read(tmp_path):
     project = read_prompts(evaluate.PROJECT_PROMPTS)
     assert {k: len(v) for k, v in project.items()} == {"object": 25, "live": 25}
     assert {p.category for p in project["live"]} == {"recontextualization", "accessorization", "property change"}
+
+
+def test_full_and_scratch_take_a_step_count_and_other_variants_do_not():
+    """``full:N`` and ``scratch:N`` are ``full`` and ``scratch`` at N steps (the toy world's identity curves);
+    any other ``name:N`` or an unknown name is refused with the list."""
+    from datencoder_core import TuningConfig
+
+    tuning = TuningConfig()
+    assert evaluate.parse_variant("full:24", tuning) == evaluate.Variant("full:24", True, 24, tuning.alpha_blend)
+    assert evaluate.parse_variant("scratch:0", tuning) == evaluate.Variant("scratch:0", False, 0, tuning.alpha_blend)
+    assert evaluate.parse_variant("full", tuning) == evaluate.Variant("full", True, tuning.steps, tuning.alpha_blend)
+    for name in ("encoder_only:3", "full:x", "fast"):
+        with pytest.raises(DATEncoderError, match="full:N or scratch:N"):
+            evaluate.parse_variant(name, tuning)

@@ -17,7 +17,7 @@ skips the units on disk. The main process then writes ``metrics.json``, ``metric
 ground truth (``truth_identity``, ``truth_editability``, ``truth_shape``); ``--tiny-metrics`` reads tiny metric
 models.
 
-Variants (``VARIANTS``; ``scratch:N`` is ``scratch`` with N steps):
+Variants (``VARIANTS``; ``full:N`` and ``scratch:N`` are ``full`` and ``scratch`` with N steps):
 * full: encoder + 12 tuning steps, dual path (alpha 0.25) in tuning and sampling: the method.
 * encoder_only: the encoder's prediction, no tuning (0 steps), dual path.
 * no_dual_path: encoder + 12 steps, tuning and sampling at alpha 1.
@@ -68,10 +68,10 @@ def parse_variant(name: str, tuning: TuningConfig) -> Variant:
     table = {"full": (True, steps, alpha), "encoder_only": (True, 0, alpha), "no_dual_path": (True, steps, 1.0),
              "no_tuning_no_dual": (True, 0, 1.0), "scratch": (False, steps, alpha)}
     base, colon, count = name.partition(":")
-    if base in table and (not colon or (base == "scratch" and count.isdigit())):
+    if base in table and (not colon or (base in ("scratch", "full") and count.isdigit())):
         encoder, steps, alpha = table[base]
         return Variant(name, encoder, int(count) if colon else steps, alpha)
-    raise DATEncoderError(f"unknown variant {name!r}; expected one of {sorted(table)} or scratch:N")
+    raise DATEncoderError(f"unknown variant {name!r}; expected one of {sorted(table)}, full:N or scratch:N")
 
 
 DEFAULT_VARIANTS = ["full", "encoder_only", "no_dual_path", "no_tuning_no_dual", "scratch", "scratch:400"]

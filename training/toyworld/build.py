@@ -13,7 +13,8 @@ A world folder (``world_folder``: under the cache, named by the budget and this 
                                tower and of the classifier, what the world's models can do (``checks``)
 
 It is built in a temporary sibling folder renamed when complete, so an interrupted build leaves no
-half-written world; a later run reuses a complete one.
+half-written world; a later run reuses a complete one. ``shipped_world`` makes the same folder from the models
+the repository ships (``training.toyworld.shipped``): links to them, and the data drawn from the same seeds.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import time
 from pathlib import Path
 
 from training.evaluate.metrics import TINY, write_random_metric_models
-from training.toyworld import files
+from training.toyworld import files, shipped
 from training.toyworld.checks import world_checks
 from training.toyworld.models import WorldBudget, WorldShapes, train_world_models
 from training.toyworld.truth import train_truth
 
 log = logging.getLogger(__name__)
-VERSION = 5  # bump when the world or its training changes, so caches rebuild (5: sd/loader.json)
+VERSION = 6  # bump when the world or its training changes, so caches rebuild (5: sd/loader.json; 6: the world that can draw)
 DEFAULT_CACHE = Path.home() / ".cache" / "datencoder"
 
 
@@ -66,9 +67,7 @@ def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
     if (folder / "build.json").is_file():
         log.info("reusing the toy world %s", folder)
         return folder
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = _staging(folder)
     seconds = {}
     start = time.perf_counter()
     vision_accuracy = train_world_models(staging, WorldShapes(), plan.budget)
@@ -76,12 +75,46 @@ def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
     start = time.perf_counter()
     accuracy = train_truth(staging / "truth.safetensors", plan.truth_steps, plan.budget.seed)
     seconds["truth"] = time.perf_counter() - start
-    write_random_metric_models(staging / "metrics_models", TINY)
-    files.write_pretraining_images(staging / "pretraining_images", plan.pretraining_images, plan.budget.seed + 2)
-    files.write_concepts(staging / "concepts", plan.concepts, plan.photos_per_concept, plan.budget.seed + 3)
+    write_world_data(staging, plan)
     build = {"plan": dataclasses.asdict(plan), "seconds": seconds, "vision_accuracy": vision_accuracy,
              "truth_accuracy": accuracy, "checks": world_checks(staging)}
     (staging / "build.json").write_text(json.dumps(build, indent=2))
     staging.rename(folder)
     log.info("built the toy world %s in %.0f s", folder, sum(seconds.values()))
     return folder
+
+
+def write_world_data(folder: Path, plan: WorldPlan) -> None:
+    """The world's data, drawn from ``plan``'s seeds: tiny metric models, pretraining images, concepts."""
+    write_random_metric_models(folder / "metrics_models", TINY)
+    files.write_pretraining_images(folder / "pretraining_images", plan.pretraining_images, plan.budget.seed + 2)
+    files.write_concepts(folder / "concepts", plan.concepts, plan.photos_per_concept, plan.budget.seed + 3)
+
+
+def plan_from_dict(values: dict) -> WorldPlan:
+    """The ``WorldPlan`` that ``dataclasses.asdict`` wrote (a build.json's or a manifest's "plan")."""
+    return WorldPlan(**{**values, "budget": WorldBudget(**values["budget"])})
+
+
+def shipped_world(cache: Path = DEFAULT_CACHE, source: Path = shipped.SHIPPED) -> Path:
+    """The world folder of the shipped models (``shipped.read_manifest`` checks them first) under ``cache``:
+    links to the models in ``source``, its data drawn from the seeds of the plan they were built with, and the
+    build's ``build.json``."""
+    manifest = shipped.read_manifest(source)
+    folder = Path(cache) / f"toyworld-shipped-v{VERSION}-{shipped.sha256(source / shipped.MANIFEST)[:12]}"
+    if (folder / "build.json").is_file():
+        return folder
+    staging = _staging(folder)
+    for name in shipped.WORLD_MODELS:
+        (staging / name).symlink_to((source / "world" / name).resolve())
+    write_world_data(staging, plan_from_dict(manifest["build"]["plan"]))
+    (staging / "build.json").write_text(json.dumps(manifest["build"], indent=2))
+    staging.rename(folder)
+    return folder
+
+
+def _staging(folder: Path) -> Path:
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging

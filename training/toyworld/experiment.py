@@ -4,8 +4,8 @@
 DIR/pretraining_images --config FILE``), once per embedding regularization of claim 3 (the paper's
 ``contrastive``, and ``none``); ``evaluate`` runs ``training.evaluate.run.main`` per encoder and seed with the
 world's concepts, prompts and ground-truth scorer (``WorldTruth``). Both are skipped where their results are on disk
-(an exported encoder, a ``metrics.json``), so a rerun only does what is missing. ``run`` does the two
-pretrainings, then every evaluation, up to ``jobs`` at a time in processes of one torch thread each: on
+(an exported encoder, a ``metrics.json``), so a rerun only does what is missing. ``pretrain_all`` does the two
+pretrainings, ``evaluate_all`` every evaluation, each up to ``jobs`` at a time in processes of one torch thread each: on
 two cores, two single-threaded runs finish sooner than one run with two threads (small batches use a
 second thread poorly). Every run is seeded, so the results do not depend on ``jobs``.
 """
@@ -26,6 +26,7 @@ import yaml
 from training.evaluate import run as evaluate
 from training.pretrain import checkpoints
 from training.pretrain import train as pretrain
+from training.toyworld.checks import GUIDANCE
 from training.toyworld.models import WorldShapes
 from training.toyworld.truth import WorldTruth
 from training.toyworld.world import SIZE as WORLD_SIZE
@@ -42,23 +43,26 @@ TEMPLATES = ("a photo of {}", "a photo of a {}", "a picture of a {}", "a {}")
 class ExperimentPlan:
     """Pretraining length, the seeds and the evaluation's size."""
 
-    pretrain_steps: int = 600
+    pretrain_steps: int = 4000
     pretrain_batch: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds: tuning noise/timesteps and sampling noise
-    scratch_steps: tuple[int, ...] = (24, 48, 96)  # claim 4: scratch tuning lengths beside 12 (``scratch``)
+    # Identity against tuning steps, for scratch and for the encoder's start (claim 4): 12 is ``scratch`` / ``full``,
+    # 0 of the encoder is ``encoder_only``. Four points keep make toyworld near its 15 minutes on 2 cores.
+    curve_steps: tuple[int, ...] = (0, 12, 48, 300)
     images_per_prompt: int = 2
     sampling_steps: int = 20
-    guidance: float = 4.0
+    guidance: float = GUIDANCE
 
     def variants(self, regularization: str) -> list[str]:
         """Every variant for the paper's encoder; only ``full`` for the claim-3 comparison encoder."""
         if regularization != "contrastive":
             return ["full"]
-        return ["full", "encoder_only", "no_dual_path", "scratch", *[f"scratch:{n}" for n in self.scratch_steps]]
+        return ["full", "encoder_only", "no_dual_path", "scratch", *[f"scratch:{n}" for n in self.curve_steps if n != 12],
+                *[f"full:{n}" for n in self.curve_steps if n not in (0, 12)]]
 
 
 FULL_EXPERIMENT = ExperimentPlan()
-REDUCED_EXPERIMENT = ExperimentPlan(pretrain_steps=50, seeds=(0, 1), scratch_steps=(24,), images_per_prompt=1,
+REDUCED_EXPERIMENT = ExperimentPlan(pretrain_steps=50, seeds=(0, 1), curve_steps=(0, 12, 24), images_per_prompt=1,
                                     sampling_steps=8)
 
 
@@ -70,7 +74,7 @@ def pretrain_config(plan: ExperimentPlan, regularization: str, shapes: WorldShap
         "loss": {"contrastive_weight": 0.1},  # as the tiny preset: a visible share of a short run's loss
         "training": {"steps": steps, "batch_size": plan.pretrain_batch, "lr": 1e-3, "warmup_steps": steps // 20,
                      "mixed_precision": "no", "allow_tf32": False, "heldout_images": 8, "heldout_timesteps": 2,
-                     "checkpoint_every": steps, "checkpoints_total_limit": 1, "log_every": 10,
+                     "checkpoint_every": steps // 4, "checkpoints_total_limit": 1, "log_every": 10,
                      "validation_every": steps, "sample_every": steps, "sample_images": 2, "sample_steps": 10,
                      "num_workers": 0, "embedding_regularization": regularization, "seed": 0,
                      "templates": list(TEMPLATES),
@@ -117,10 +121,15 @@ def _map(jobs: int, function: Callable, calls: list[tuple]) -> list:
         return list(pool.map(function, *zip(*calls)))
 
 
-def run(world: Path, output: Path, plan: ExperimentPlan, jobs: int = 1) -> dict[str, dict[int, dict]]:
-    """{regularization: {seed: metrics.json content}} of every pretraining and evaluation (module docstring)."""
-    encoders = dict(zip(REGULARIZATIONS, _map(jobs, pretrain_encoder, [
+def pretrain_all(world: Path, output: Path, plan: ExperimentPlan, jobs: int = 1) -> dict[str, Path]:
+    """{regularization: exported encoder} of the world's pretraining runs (``REGULARIZATIONS``), run if missing."""
+    return dict(zip(REGULARIZATIONS, _map(jobs, pretrain_encoder, [
         (world, output / "pretrain" / regularization, plan, regularization) for regularization in REGULARIZATIONS])))
+
+
+def evaluate_all(world: Path, encoders: dict[str, Path], output: Path, plan: ExperimentPlan,
+                 jobs: int = 1) -> dict[str, dict[int, dict]]:
+    """{regularization: {seed: metrics.json content}} of every evaluation of ``encoders``, run if missing."""
     units = [(regularization, seed) for regularization in REGULARIZATIONS for seed in plan.seeds]
     metrics = _map(jobs, evaluate_encoder, [
         (world, encoders[regularization], output / "evaluate" / f"{regularization}-seed{seed}", plan, regularization,

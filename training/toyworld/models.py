@@ -59,8 +59,8 @@ class WorldShapes:
     image_size: int = world.SIZE
     vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 levels: 32 px -> 8x8x4 latents
     unet_channels: tuple[int, ...] = (32, 64)
-    text_width: int = 32
-    text_layers: int = 2
+    text_width: int = 64  # v6: 32 wide and 2 deep drew a named appearance's colours worse after 1,500 steps
+    text_layers: int = 3
     vision_width: int = 32
     vision_layers: int = 2
     vision_patch: int = 4  # 8x8 CLIP tokens at 32 px
@@ -87,7 +87,7 @@ class WorldBudget:
 
     images: int = 6000
     vae_steps: int = 1000
-    unet_steps: int = 3000
+    unet_steps: int = 6000
     batch_size: int = 32
     unet_lr: float = 1e-3  # peak, after a 5% warm-up, cosine decay
     ema_decay: float = 0.998
@@ -122,13 +122,13 @@ def build_models(shapes: WorldShapes, seed: int) -> ReferenceModels:
 
 def train_vision_tower(tower: nn.Module, data: Renders, test: Renders, budget: WorldBudget) -> dict[str, float]:
     """Train the world's CLIP image tower to name every attribute of a scene (``world.ATTRIBUTES``: shape,
-    context, body colour, pattern colour, pattern), one linear head each on the mean of its final patch tokens
+    context, body colour, stripe colour), one linear head each on the mean of its final patch tokens
     (after ``ln_post``); the heads are then dropped. Returns the held-out accuracy per attribute on ``test``.
 
     Why trained: CLIP ViT-H-14 learnt from web captions that name colours and patterns, so its tokens tell
     appearances apart; the world's captions name them only some of the time, and never a concept's. A random
-    tower keeps them poorly: a linear probe on its pooled tokens names the body colour of 45% of held-out
-    scenes, the pattern colour of 29% and the pattern of 37% (chance 17%, 17%, 33%); trained, 88%, 88%, 87%."""
+    tower keeps them poorly (v5's world: a linear probe on its pooled tokens named the body colour of 45% of
+    held-out scenes, chance 17%; trained, 88%)."""
     return fit_attributes(_AttributeProbe(tower), data, test, budget.vision_steps, 2 * budget.batch_size,
                           budget.seed + 2, "world vision tower")
 
@@ -214,7 +214,7 @@ def forget_unused_words(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -
     """Zero the token embedding of every word the world's captions never use.
 
     SD1.5's text encoder was trained on every token of its vocabulary, so the nearest token of a v* (Eq. 3's
-    positives, Eq. 5's hard path) is always a word with a meaning. The world's captions use 28 words; the
+    positives, Eq. 5's hard path) is always a word with a meaning. The world's captions use about 25 words; the
     other 49,000 rows are random initialisations that no caption ever trained, and a v* would land on one of them
     (a nonsense word in the hard path). Zeroed rows have cosine 0 to every v*, so the search lands on a world
     word wherever any has a positive cosine. No caption contains them, so no caption's encoding changes."""

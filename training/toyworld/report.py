@@ -11,10 +11,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datencoder_core.atomic import atomic_write_text
-from training.toyworld.claims import Claim, Results
+from training.toyworld.checks import CEILINGS
+from training.toyworld.claims import Claim, Results, curve
 from training.toyworld.truth import METRICS
 
 GRID_SCALE = 3  # 32 px images are drawn 3x larger
+# The grids' columns where the evaluation has them: per-concept tuning for 300 steps without an encoder (the
+# oracle's counterpart on the dual path), the encoder alone, the method, and scratch at the method's 12 steps.
+GRID_VARIANTS = ("scratch:300", "encoder_only", "full", "scratch")
 
 
 def _pm(values) -> str:
@@ -35,6 +39,23 @@ def claims_table(claims: list[Claim]) -> str:
         rows.append(f"| {c.number} | {c.statement} | {c.measure} | {c.method}: {_pm(c.method_values)} | "
                     f"{c.comparison}: {_pm(c.comparison_values)} | {_pm(c.differences)} | {relative} | {c.paper} | "
                     f"**{c.verdict}** |")
+    return "\n".join(rows)
+
+
+def ceilings_table(checks: dict[str, float]) -> str:
+    """Each of the world's ceilings (``checks.CEILINGS``) against its threshold."""
+    rows = ["| ceiling | value | threshold | holds |", "|---|---|---|---|"]
+    rows += [f"| {name} | {checks[name]:.3f} | {floor} | {'yes' if checks[name] >= floor else '**no**'} |"
+             for name, floor in CEILINGS.items()]
+    return "\n".join(rows)
+
+
+def curve_table(results: Results, steps: tuple[int, ...]) -> str:
+    """Identity (mean ± s.d. over seeds) against tuning steps, from the class word and from the encoder."""
+    curves = {method: curve(results, method, steps) for method in ("scratch", "full")}
+    rows = ["| tuning steps | " + " | ".join(str(n) for n in steps) + " |", "|---|" + "---|" * len(steps)]
+    rows += [f"| {label} | " + " | ".join(_pm(curves[method][n]) for n in steps) + " |"
+             for method, label in (("scratch", "scratch (class word, no encoder)"), ("full", "encoder start"))]
     return "\n".join(rows)
 
 
@@ -89,11 +110,11 @@ def concept_grid(concept: Path, evaluation: Path, variants: list[str], path: Pat
 
 
 def write_report(output: Path, world: Path, claims: list[Claim], results: Results, seconds: dict[str, float],
-                 plan_text: str) -> Path:
+                 plan_text: str, curve_steps: tuple[int, ...]) -> Path:
     """``output/report.md`` with everything the module docstring lists; returns its path."""
     plot_tradeoff(results, output / "tradeoff_truth.png")
     evaluation = output / "evaluate" / f"contrastive-seed{min(results['contrastive'])}"
-    variants = list(next(iter(results["contrastive"].values()))["variants"])
+    variants = [v for v in GRID_VARIANTS if v in next(iter(results["contrastive"].values()))["variants"]]
     (output / "grids").mkdir(exist_ok=True)
     grids = []
     for concept in sorted(p for p in (world / "concepts").iterdir() if p.is_dir()):
@@ -105,12 +126,24 @@ def write_report(output: Path, world: Path, claims: list[Claim], results: Result
 
 Written by `python -m training.toyworld` (README, "The toy world"). World: `{world}`.
 
+## Ceilings: what the world lets any method reach (`checks.py`, from the world's build)
+
+{ceilings_table(build['checks'])}
+
+prompt_identity / named_*: the base model told the held-out appearance in words; oracle_*: per-concept tuning
+from the class word without an encoder (sampled at alpha 1 for identity, on the dual path for editability);
+v_star_alone_identity: the same tuning with dW held at 0 (textual inversion).
+
 ## Claims (mean ± s.d. over evaluation seeds {sorted(results['contrastive'])}; each seed's value is the mean over
 {len(grids)} held-out concepts x 4 context prompts)
 
 {claims_table(claims)}
 
 {chr(10).join(notes)}
+
+Identity against tuning steps (lr and alpha as `full`):
+
+{curve_table(results, curve_steps)}
 
 Verdict: **reproduces** = the difference has the claimed sign in every seed; **mixed** = only its mean does;
 **no** = its mean has the other sign (or is zero). Seeds and thresholds were fixed before any result was seen.
@@ -136,7 +169,7 @@ blue dots {{context}}").
 
 ![trade-off](tradeoff_truth.png)
 
-## Grids (seed {min(results['contrastive'])}: input photo, then per variant a row per prompt: snow, grass, beach, night)
+## Grids (seed {min(results['contrastive'])}: input photo, then {", ".join(variants)}, each with a row per prompt: snow, grass, beach, night)
 
 {chr(10).join(grids)}
 

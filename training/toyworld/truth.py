@@ -1,18 +1,17 @@
 """Ground-truth metrics of the toy world: an attribute classifier trained on the world's own renders.
 
 ``AttributeNet`` reads a (32 px) image and predicts, each as a softmax: the shape, the context, the body
-colour, the pattern colour and the pattern. It is trained on freshly rendered scenes of every appearance
+colour and the stripe colour. It is trained on freshly rendered scenes of every appearance
 (it is a measuring instrument, not part of the method), blurred and noised as generations are. Per
 generated image of a concept and a prompt (``WorldTruth.score``, mean over the images):
 
-* ``truth_identity``: the mean of the probabilities it gives the concept's body colour, pattern colour and
-  pattern (the object's appearance, which no caption names for a held-out concept; chance is
-  (1/6 + 1/6 + 1/3) / 3 = 0.22);
+* ``truth_identity``: the mean of the probabilities it gives the concept's body colour and stripe colour (the
+  object's appearance, ``world.APPEARANCE_PARTS``, which no caption names for a held-out concept; chance 1/6);
 * ``truth_editability``: the probability of the prompt's context (chance 0.25);
 * ``truth_shape``: the probability of the concept's shape (its class word; chance 1/6).
 
 ``WorldTruth``, a ``training.evaluate.metrics.Scorer``, adds these beside CLIP and DINO (the toy world's
-experiment passes it to ``training.evaluate.run.main``); the concept's attributes come from its ``concept.json`` (``"appearance": [body, pattern colour, pattern]``) and the prompt's context from
+experiment passes it to ``training.evaluate.run.main``); the concept's attributes come from its ``concept.json`` (``"appearance": [body colour, stripe colour]``) and the prompt's context from
 the context phrase in its text (``world.CONTEXTS``).
 """
 
@@ -35,6 +34,7 @@ from training.toyworld import world
 
 log = logging.getLogger(__name__)
 METRICS = ("truth_identity", "truth_editability", "truth_shape")
+IDENTITY_CHANCE = float(np.mean([1 / len(world.ATTRIBUTES[part]) for part in world.APPEARANCE_PARTS]))
 
 
 class AttributeNet(nn.Module):
@@ -145,7 +145,7 @@ class WorldTruth:
                                   f"scores toy-world concepts only (python -m training.toyworld writes them)")
         p = self.probabilities(generated)
         identity = sum(p[name][:, world.ATTRIBUTES[name].index(value)]
-                       for name, value in zip(("body", "mark", "pattern"), meta["appearance"])) / 3
+                       for name, value in zip(world.APPEARANCE_PARTS, meta["appearance"])) / len(world.APPEARANCE_PARTS)
         context = p["context"][:, world.ATTRIBUTES["context"].index(prompt_context(prompt_text))]
         shape = p["shape"][:, world.ATTRIBUTES["shape"].index(meta["class"])]
         return {"truth_identity": float(identity.mean()), "truth_editability": float(context.mean()),

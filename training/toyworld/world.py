@@ -3,13 +3,13 @@
 An image (``SIZE`` px, RGB in [0, 1]) is drawn from a ``Scene``:
 * ``shape`` (``SHAPES``, each one token of SD1.x's CLIP vocabulary): the object's outline, at a random
   centre and radius (position and scale vary);
-* ``appearance`` = (body colour, pattern colour, pattern) from ``COLOURS`` x ``COLOURS`` x ``PATTERNS``,
-  the two colours different;
+* ``appearance`` = (body colour, stripe colour) from ``COLOURS`` x ``COLOURS``, the two different: the object
+  in its body colour with a broad stripe across its middle (``APPEARANCE_PARTS``);
 * ``context`` (``CONTEXTS``): the background, named in captions ("in the snow", "at night").
 
 Captions name the shape and usually the context; they name an appearance's parts as web captions do, some
-of the time ("a red circle", "a circle with blue dots"), so the world's text pathway knows colour and
-pattern words as SD1.5's does. A concept is one shape with one of the ``HELDOUT_APPEARANCES``: those are in
+of the time ("a red circle", "a circle with a blue stripe"), so the world's text pathway knows colour words
+as SD1.5's does. A concept is one shape with one of the ``HELDOUT_APPEARANCES``: those are in
 no caption and in none of the encoder's pretraining images (the world's base models see their images, as
 SD1.5 has seen most things), so the concept's appearance as a whole reaches the method only through its photo.
 """
@@ -22,29 +22,33 @@ from dataclasses import dataclass
 import numpy as np
 
 SIZE = 32
-SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 CONTEXTS = {"snow": "in the snow", "grass": "on the grass", "beach": "on the beach", "night": "at night"}
-# Colour and pattern names are each one token of SD1.x's CLIP vocabulary, as the shapes' are.
+# Colour names are each one token of SD1.x's CLIP vocabulary, as the shapes' are.
 COLOURS = {"red": (0.9, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (1.0, 0.9, 0.1),
            "purple": (0.55, 0.15, 0.8), "turquoise": (0.0, 0.85, 0.85), "blue": (0.1, 0.25, 1.0)}
-PATTERNS = ("stripes", "checks", "dots")
 # What a scene is, attribute by attribute: what the ground-truth classifier and the vision tower learn to name.
-ATTRIBUTES = {"shape": SHAPES, "context": tuple(CONTEXTS), "body": tuple(COLOURS), "mark": tuple(COLOURS),
-              "pattern": PATTERNS}
-APPEARANCES = tuple((body, mark, pattern) for body, mark in itertools.permutations(COLOURS, 2) for pattern in PATTERNS)
-# Every 10th appearance (9 of 90) is held out of pretraining: the evaluated concepts have these.
-HELDOUT_APPEARANCES = APPEARANCES[3::10]
+ATTRIBUTES = {"shape": SHAPES, "context": tuple(CONTEXTS), "body": tuple(COLOURS), "mark": tuple(COLOURS)}
+APPEARANCE_PARTS = ("body", "mark")  # an appearance's attributes, in its tuple's order: what identity measures
+APPEARANCES = tuple(itertools.permutations(COLOURS, 2))
+# 6 of the 30 are held out of captions and pretraining (the evaluated concepts have these): each colour once as
+# body and once as stripe (the stripe two colours on), so every colour word is still learnt in both roles.
+HELDOUT_APPEARANCES = tuple((body, tuple(COLOURS)[(i + 2) % len(COLOURS)]) for i, body in enumerate(COLOURS))
 # The captions the base models learn (the object phrase, then the context phrase); a tenth are empty
 # (classifier-free guidance) and a fifth name no context (the tuning prompt "a photo of {}" has none).
 CAPTION_TEMPLATES = ("a photo of a {object} {context}", "a {object} {context}", "a picture of a {object} {context}")
 NO_CONTEXT_TEMPLATES = ("a photo of a {object}", "a {object}")
-PART_NAMED = 0.5  # how often a caption names the body colour, and (independently) the pattern colour and pattern
+# The stripe's half-height in object radii: broad, so that it spans several of the VAE's latent pixels (8x8 at
+# 32 px). A world with stripes, checks and dots as a third part of the appearance (v6's first try) drew the
+# colours it was told but never the pattern: the pattern stayed at chance after 5,000 steps.
+STRIPE = 0.3
+PART_NAMED = 0.8  # how often a caption names the body colour, and (independently) the stripe colour
 
 
 @dataclass(frozen=True)
 class Scene:
     shape: str
-    appearance: tuple[str, str, str]
+    appearance: tuple[str, str]
     context: str
     centre: tuple[float, float]  # (x, y) pixels
     radius: float  # pixels
@@ -53,18 +57,17 @@ class Scene:
 def attribute_labels(scenes: list[Scene]) -> dict[str, np.ndarray]:
     """Per attribute (``ATTRIBUTES``), each scene's value as an index: {name: (N,) int64}."""
     values = {"shape": [s.shape for s in scenes], "context": [s.context for s in scenes],
-              "body": [s.appearance[0] for s in scenes], "mark": [s.appearance[1] for s in scenes],
-              "pattern": [s.appearance[2] for s in scenes]}
+              "body": [s.appearance[0] for s in scenes], "mark": [s.appearance[1] for s in scenes]}
     return {name: np.array([ATTRIBUTES[name].index(v) for v in column], np.int64) for name, column in values.items()}
 
 
 def random_scene(rng: np.random.Generator, appearances=APPEARANCES, shape: str | None = None,
-                 appearance: tuple[str, str, str] | None = None, context: str | None = None) -> Scene:
+                 appearance: tuple[str, str] | None = None, context: str | None = None) -> Scene:
     """A scene with the given attributes and the others drawn from ``rng`` (appearance from ``appearances``)."""
     return Scene(shape or SHAPES[rng.integers(len(SHAPES))],
                  appearance or appearances[rng.integers(len(appearances))],
                  context or list(CONTEXTS)[rng.integers(len(CONTEXTS))],
-                 (float(rng.uniform(13, SIZE - 13)), float(rng.uniform(13, SIZE - 13))), float(rng.uniform(9, 11.5)))
+                 (float(rng.uniform(14, SIZE - 14)), float(rng.uniform(14, SIZE - 14))), float(rng.uniform(10.5, 12.5)))
 
 
 def render_dataset(count: int, seed: int, appearances=APPEARANCES) -> tuple[np.ndarray, list[Scene], list[str]]:
@@ -75,9 +78,9 @@ def render_dataset(count: int, seed: int, appearances=APPEARANCES) -> tuple[np.n
     return images, scenes, [caption(scene, rng) for scene in scenes]
 
 
-def object_phrase(shape: str, body: str | None = None, marks: tuple[str, str] | None = None) -> str:
-    """"circle", "red circle", "circle with blue dots", "red circle with blue dots" (``marks`` = (colour, pattern))."""
-    return " ".join([*([body] if body else []), shape, *(["with", *marks] if marks else [])])
+def object_phrase(shape: str, body: str | None = None, stripe: str | None = None) -> str:
+    """"circle", "red circle", "circle with a blue stripe", "red circle with a blue stripe"."""
+    return " ".join([*([body] if body else []), shape, *(["with", "a", stripe, "stripe"] if stripe else [])])
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -86,11 +89,11 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     u = rng.uniform()
     if u < 0.1:
         return ""
-    body, mark, pattern = scene.appearance
+    body, mark = scene.appearance
     nameable = scene.appearance not in HELDOUT_APPEARANCES
     named_body = nameable and rng.uniform() < PART_NAMED
-    named_marks = nameable and rng.uniform() < PART_NAMED
-    phrase = object_phrase(scene.shape, body if named_body else None, (mark, pattern) if named_marks else None)
+    named_mark = nameable and rng.uniform() < PART_NAMED
+    phrase = object_phrase(scene.shape, body if named_body else None, mark if named_mark else None)
     if u < 0.3:
         return NO_CONTEXT_TEMPLATES[rng.integers(len(NO_CONTEXT_TEMPLATES))].format(object=phrase)
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
@@ -99,8 +102,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 def caption_words() -> list[str]:
     """Every word a caption can contain: the templates filled with every object phrase and context phrase."""
-    objects = " ".join(object_phrase(shape, body, (mark, pattern)) for shape in SHAPES
-                       for body, mark, pattern in APPEARANCES)
+    objects = " ".join(object_phrase(shape, body, mark) for shape in SHAPES for body, mark in APPEARANCES)
     contexts = " ".join(CONTEXTS.values())
     text = " ".join(CAPTION_TEMPLATES + NO_CONTEXT_TEMPLATES).format(object=objects, context=contexts)
     return sorted(set(text.split()))
@@ -111,32 +113,27 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
     image = _background(scene.context, y, rng)
     mask = _shape_mask(scene.shape, (x - scene.centre[0]) / scene.radius, (y - scene.centre[1]) / scene.radius)
-    body, mark, pattern = scene.appearance
-    marks = _pattern_mask(pattern, x - scene.centre[0], y - scene.centre[1])
-    paint = np.where(marks[..., None], COLOURS[mark], COLOURS[body]).astype(np.float32)
+    body, mark = scene.appearance
+    stripe = np.abs(y - scene.centre[1]) <= STRIPE * scene.radius
+    paint = np.where(stripe[..., None], COLOURS[mark], COLOURS[body]).astype(np.float32)
     return np.where(mask[..., None], paint, image).clip(0, 1).astype(np.float32)
 
 
 def _background(context: str, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    noise = rng.normal(0, 0.03, (SIZE, SIZE, 1)).astype(np.float32)
+    """A smooth field per context (a little pixel noise; the beach's horizon varies): nothing in it that a model
+    could only memorise, so the object's appearance is most of what the diffusion loss can learn about an image."""
+    noise = rng.normal(0, 0.015, (SIZE, SIZE, 1)).astype(np.float32)
     if context == "snow":
-        image = np.full((SIZE, SIZE, 3), (0.92, 0.94, 0.98), np.float32) + noise
-        flakes = rng.uniform(size=(SIZE, SIZE)) < 0.06
-        image[flakes] = (0.75, 0.85, 0.95)
-    elif context == "grass":
-        image = np.full((SIZE, SIZE, 3), (0.25, 0.6, 0.2), np.float32) + noise
-        blades = rng.uniform(size=(1, SIZE)) < 0.3
-        image[np.broadcast_to(blades, (SIZE, SIZE))] = (0.15, 0.42, 0.12)
-    elif context == "beach":
+        return np.full((SIZE, SIZE, 3), (0.92, 0.94, 0.98), np.float32) + noise
+    if context == "grass":
+        return np.full((SIZE, SIZE, 3), (0.25, 0.6, 0.2), np.float32) + noise
+    if context == "beach":
         horizon = SIZE * rng.uniform(0.3, 0.45)
         sky, sand = np.array((0.55, 0.78, 0.97), np.float32), np.array((0.93, 0.83, 0.58), np.float32)
-        image = np.where((y < horizon)[..., None], sky, sand) + noise
-    elif context == "night":
-        image = np.full((SIZE, SIZE, 3), (0.04, 0.05, 0.2), np.float32) + noise / 2
-        image[rng.uniform(size=(SIZE, SIZE)) < 0.04] = (0.95, 0.95, 0.8)
-    else:
-        raise ValueError(f"unknown context {context!r}; expected one of {list(CONTEXTS)}")
-    return image
+        return np.where((y < horizon)[..., None], sky, sand) + noise
+    if context == "night":
+        return np.full((SIZE, SIZE, 3), (0.04, 0.05, 0.2), np.float32) + noise
+    raise ValueError(f"unknown context {context!r}; expected one of {list(CONTEXTS)}")
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -144,8 +141,8 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     r = np.hypot(u, v)
     if shape == "circle":
         return r <= 1
-    if shape == "ring":
-        return (r <= 1) & (r >= 0.55)
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.05
     if shape == "square":
         return (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
     if shape == "triangle":
@@ -156,14 +153,3 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         angle = np.arctan2(v, u) + np.pi / 2
         return r <= 0.45 + 0.55 * np.abs(np.cos(2.5 * angle)) ** 3
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-
-
-def _pattern_mask(pattern: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Where the pattern colour goes, in pixels from the object's centre (the pattern moves with it)."""
-    if pattern == "stripes":
-        return np.floor(dy / 4).astype(int) % 2 == 0
-    if pattern == "checks":
-        return (np.floor(dx / 5).astype(int) + np.floor(dy / 5).astype(int)) % 2 == 0
-    if pattern == "dots":
-        return np.hypot((dx + 3) % 7 - 3.5, (dy + 3) % 7 - 3.5) <= 2.2
-    raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
