@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from training.evaluate.metrics import TINY, write_random_metric_models
-from training.toyworld import files, shipped
+from training.toyworld import checks, files, shipped
 from training.toyworld.checks import world_checks
 from training.toyworld.models import WorldBudget, WorldShapes, train_world_models
 from training.toyworld.truth import train_truth
@@ -46,19 +46,20 @@ class WorldPlan:
     pretraining_images: int = 3000
     concepts: int = 6
     photos_per_concept: int = 3
+    oracle_steps: int = checks.ORACLE_TUNING.steps  # the ceilings' per-concept tuning (checks.ceilings)
 
     @property
     def name(self) -> str:
         b = self.budget
         return (f"toyworld-v{VERSION}-i{b.images}-v{b.vae_steps}-u{b.unet_steps}-b{b.batch_size}-lr{b.unet_lr:g}"
                 f"-vt{b.vision_steps}-s{b.seed}-t{self.truth_steps}-p{self.pretraining_images}"
-                f"-c{self.concepts}x{self.photos_per_concept}")
+                f"-c{self.concepts}x{self.photos_per_concept}-o{self.oracle_steps}")
 
 
 FULL = WorldPlan()
 # The test's world: the pipeline end to end in a few minutes; too short for the UNet to follow prompts.
 REDUCED = WorldPlan(WorldBudget(images=2000, vae_steps=200, unet_steps=400, batch_size=16, vision_steps=1000),
-                    truth_steps=500, pretraining_images=600, concepts=3)
+                    truth_steps=500, pretraining_images=600, concepts=3, oracle_steps=10)
 
 
 def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
@@ -77,7 +78,7 @@ def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
     seconds["truth"] = time.perf_counter() - start
     write_world_data(staging, plan)
     build = {"plan": dataclasses.asdict(plan), "seconds": seconds, "vision_accuracy": vision_accuracy,
-             "truth_accuracy": accuracy, "checks": world_checks(staging)}
+             "truth_accuracy": accuracy, "checks": world_checks(staging, plan.oracle_steps)}
     (staging / "build.json").write_text(json.dumps(build, indent=2))
     staging.rename(folder)
     log.info("built the toy world %s in %.0f s", folder, sum(seconds.values()))

@@ -24,6 +24,7 @@ cannot draw a named appearance, or whose best per-concept tuning cannot, says no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -59,9 +60,11 @@ def failed_ceilings(checks: dict[str, float]) -> list[str]:
 
 
 @torch.no_grad()
-def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int = 20) -> dict[str, float]:
+def world_checks(folder: Path, oracle_steps: int = ORACLE_TUNING.steps, images_per_prompt: int = 2,
+                 sampling_steps: int = 20) -> dict[str, float]:
     """The module docstring's figures for the world in ``folder`` (its ``sd/``, ``truth.safetensors`` and
-    ``concepts/``)."""
+    ``concepts/``); the ceilings' tuning runs ``oracle_steps`` steps (``ORACLE_TUNING``'s 300 for a world that
+    is to judge the method, a few for the test's reduced world, which only runs the pipeline)."""
     models = load_world_models(folder / "sd", folder / "clip_vision.safetensors")
     backend, truth = models.backend(LoRAConfig()), WorldTruth(folder / "truth.safetensors")
     concepts = sorted(p for p in (folder / "concepts").iterdir() if p.is_dir())
@@ -105,23 +108,25 @@ def world_checks(folder: Path, images_per_prompt: int = 2, sampling_steps: int =
     named_means = {name: float(np.mean(values)) for name, values in named.items()}
     return (identity | {"prompt_shape": float(np.mean(shape_p)), "prompt_context": float(np.mean(context_p)),
                         "prompt_identity": float(np.mean(list(named_means.values())))} | named_means
-            | ceilings(backend, truth, concepts, sample))
+            | ceilings(backend, truth, concepts, sample, dataclasses.replace(ORACLE_TUNING, steps=oracle_steps)))
 
 
-def ceilings(backend, truth: WorldTruth, concepts: list[Path], sample) -> dict[str, float]:
+def ceilings(backend, truth: WorldTruth, concepts: list[Path], sample,
+             tuning: TuningConfig = ORACLE_TUNING) -> dict[str, float]:
     """``oracle_identity``, ``oracle_editability`` and ``v_star_alone_identity`` (module docstring), the mean over
-    ``concepts`` and the world's contexts; ``sample(concept, template, alpha)`` draws the images."""
+    ``concepts`` and the world's contexts, tuned with ``tuning``; ``sample(concept, template, alpha)`` draws the
+    images."""
     figures = {"oracle_identity": [], "oracle_editability": [], "v_star_alone_identity": []}
     for concept in concepts:
         meta = json.loads((concept / "concept.json").read_text())
         photo = load_photo(sorted(concept.glob("*.png"))[0])[None]
         with torch.enable_grad():
-            oracle = personalize_from_word(backend, meta["class"], LoRAConfig(), photo, ORACLE_TUNING)
-            v_start, lora = word_start(backend, meta["class"], LoRAConfig(), ORACLE_TUNING.seed)
+            oracle = personalize_from_word(backend, meta["class"], LoRAConfig(), photo, tuning)
+            v_start, lora = word_start(backend, meta["class"], LoRAConfig(), tuning.seed)
             zero = LoRAFactors({k: torch.zeros_like(v) for k, v in lora.down.items()},
                                {k: torch.zeros_like(v) for k, v in lora.up.items()}, lora.scale)
             alone = tune(backend, backend.encode_latents(photo), v_start, zero, NO_ENCODER, LoRAConfig().targets,
-                         ORACLE_TUNING, torch.Generator().manual_seed(ORACLE_TUNING.seed))
+                         tuning, torch.Generator().manual_seed(tuning.seed))
         for phrase in world.CONTEXTS.values():
             text = "a photo of a {} " + phrase
             figures["oracle_identity"].append(truth.score(sample(oracle, text, 1.0), concept, text)["truth_identity"])

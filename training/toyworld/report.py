@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from datencoder_core.atomic import atomic_write_text
 from training.toyworld.checks import CEILINGS
 from training.toyworld.claims import Claim, Results, curve
-from training.toyworld.truth import METRICS
+from training.toyworld.truth import IDENTITY_CHANCE, METRICS
 
 GRID_SCALE = 3  # 32 px images are drawn 3x larger
 # The grids' columns where the evaluation has them: per-concept tuning for 300 steps without an encoder (the
@@ -152,8 +152,8 @@ Verdict: **reproduces** = the difference has the claimed sign in every seed; **m
 
 {variant_table(results)}
 
-truth_identity: the ground-truth classifier's mean probability of the concept's body colour, pattern colour
-and pattern (chance 0.22); truth_editability: its probability of the prompt's context (chance 0.25);
+truth_identity: the ground-truth classifier's mean probability of the concept's body colour and stripe
+colour (chance {IDENTITY_CHANCE:.3f}); truth_editability: its probability of the prompt's context (chance 0.25);
 truth_shape: of the concept's shape (chance 0.17). CLIP/DINO in each `evaluate/*/metrics.json` come from
 random tiny metric models (no real weights exist here) and carry no meaning.
 
