@@ -165,20 +165,21 @@ def test_the_examples_load_and_run_twice_from_the_run_button(editor):
     assert end["type"] == "execution_success", end
     assert editor.overlaps() == []  # the node texts had room
     assert len(editor.images_of(editor.events(since), "SaveImage")) == 2
-    nearest = editor.node_text("DATEncoderPersonalize")
-    assert nearest.startswith("nearest word: "), nearest
+    shown = editor.node_text("DATEncoderPersonalize")
+    nearest, demo = shown.split("\n")  # the examples' encoder is the demo's: the node says so under the word
+    assert nearest.startswith("nearest word: ") and demo == "demo encoder (random weights): not a result", shown
     saved = editor.server.base / "models" / "datencoder_concepts" / "my_concept.safetensors"
     assert editor.node_text("DATEncoderSaveConcept") == "saved my_concept.safetensors"  # short: fits the node
     assert editor.outputs_of(editor.events(since), "DATEncoderSaveConcept", "datencoder") == [
         {"files": [str(saved)], "saved": True}]  # what datencoder.js reads
-    assert "</w>" not in nearest and editor.page.get_by_text(nearest).first.is_visible()  # drawn on the node
+    assert "</w>" not in nearest and editor.page.get_by_text(nearest).first.is_visible() and editor.page.get_by_text(demo).first.is_visible()  # drawn on the node
 
     since = editor.run()  # unchanged: the seed is fixed, so nothing is personalized again
     end = editor.wait_for_end(since)
     editor.shot("personalize-ran-again")
     assert end["type"] == "execution_success", end
     assert len(editor.images_of(editor.events(since), "SaveImage")) == 2
-    assert editor.node_text("DATEncoderPersonalize") == nearest
+    assert editor.node_text("DATEncoderPersonalize") == shown
 
     editor.load("save_and_reuse_concept")  # just saved: Load Concept knows the file without a refresh
     editor.shot("reuse-loaded")
