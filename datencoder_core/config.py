@@ -109,12 +109,16 @@ class EncoderConfig(_Serializable):
                  f"colour), got {self.trunk_channels}")
 
 
+SIMILARITIES = ("cosine", "dot")  # s of Eq. 3 (losses.nearest_neighbor_contrastive_loss)
+
+
 @dataclass(frozen=True)
 class LossConfig(_Serializable):
     """Pretraining objective: diffusion + contrastive (Eq. 3) + L2 on v* (Eq. 4) + L2 on dW (Sec. 4.1)."""
 
     contrastive_k: int = 5  # |N(v*)|: nearest vocabulary tokens used as positives; the paper gives no value
     temperature: float = 0.07  # tau of Eq. 3 (CLIP's initial temperature); the paper gives no value
+    contrastive_similarity: str = "cosine"  # s of Eq. 3: "cosine", or "dot" as the paper writes it
     contrastive_weight: float = 1e-2
     embedding_l2_weight: float = 1e-4
     lora_l2_weight: float = 1e-4
@@ -122,6 +126,8 @@ class LossConfig(_Serializable):
     def __post_init__(self):
         _require(self.contrastive_k >= 1, f"LossConfig.contrastive_k must be >= 1, got {self.contrastive_k}")
         _require(self.temperature > 0, f"LossConfig.temperature must be > 0, got {self.temperature}")
+        _require(self.contrastive_similarity in SIMILARITIES,
+                 f"LossConfig.contrastive_similarity must be one of {SIMILARITIES}, got {self.contrastive_similarity!r}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import SIMILARITIES
 from .vocab import nearest_tokens
 
 
@@ -20,7 +21,7 @@ def diffusion_loss(noise_pred: Tensor, noise: Tensor) -> Tensor:
 
 
 def nearest_neighbor_contrastive_loss(v_star: Tensor, vocab: Tensor, *, k: int, temperature: float,
-                                      exclude: Sequence[int]) -> Tensor:
+                                      exclude: Sequence[int], similarity: str = "cosine") -> Tensor:
     """Eq. 3, averaged over the batch:
 
         L_c(v*) = -log( sum_{T in N(v*)} e^{s(v*,T)/tau} / (sum_{T in N(v*)} e^{s(v*,T)/tau} + sum_{v' != v*} e^{s(v*,v')/tau}) )
@@ -28,14 +29,18 @@ def nearest_neighbor_contrastive_loss(v_star: Tensor, vocab: Tensor, *, k: int, 
     N(v*) is the ``k`` nearest rows of ``vocab`` (V, D) by cosine, never the ids in ``exclude``: pass the
     start/end-of-text tokens (``backend.special_token_ids``), which tuning never picks as a concept's word
     either. The positives are constants: the gradient reaches v* only, never ``vocab`` (the text
-    encoder's token table, which may be a parameter). s is cosine similarity (the paper writes a dot
-    product; cosine keeps the logits bounded, and Eq. 4 controls the norm separately).
+    encoder's token table, which may be a parameter). s is ``similarity``: "cosine" (bounded logits; Eq. 4
+    controls the norm separately) or "dot", the paper's v* . T, whose logits grow with the norms.
     The negatives of each row of ``v_star`` (B, D) are its other rows (multi-process pretraining passes
     the all-gathered batch as ``v_star``, see ``training/pretrain/objective.py``).
     """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     positives = vocab.detach()[nearest_tokens(v_star, vocab, k, exclude)]  # (B, k, D)
-    v = F.normalize(v_star, dim=-1)
-    pos_logits = torch.einsum("bd,bkd->bk", v, F.normalize(positives, dim=-1)) / temperature
+    v = F.normalize(v_star, dim=-1) if similarity == "cosine" else v_star
+    if similarity == "cosine":
+        positives = F.normalize(positives, dim=-1)
+    pos_logits = torch.einsum("bd,bkd->bk", v, positives) / temperature
     self_mask = torch.eye(v.shape[0], dtype=torch.bool, device=v.device)  # a row is not its own negative
     neg_logits = (v @ v.T / temperature).masked_fill(self_mask, -torch.inf)  # (B, B)
     return (torch.cat([pos_logits, neg_logits], 1).logsumexp(1) - pos_logits.logsumexp(1)).mean()

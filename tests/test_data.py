@@ -29,6 +29,7 @@ from training.data import sources, streams
 from training.data.decode import EVENTS, decode_image, describe
 from training.data.shards import read_shard
 from training.make_shards import make_shards
+from training.pretrain.config import resolve_config
 from training.prepare_openimages import prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,3 +406,20 @@ def test_latent_cache_holds_the_latents_of_the_crops_training_reads(tmp_path, ti
             torch.testing.assert_close(a, b, atol=5e-3, rtol=1e-2)
     finally:
         backend.remove()
+
+
+def test_min_crop_one_keeps_the_whole_image_and_lower_values_zoom():
+    """``training.min_crop`` (square_crop): at 1 a random crop is the whole image, only flipped or not; at the default
+    0.7 some crops are zoomed (the toy world trains with 1: its models never saw a crop)."""
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, :8] = 255  # left half white: a crop of the whole image is this or its mirror
+    whole = sources.square_crop(pixels, 16, None)
+    for seed in range(8):
+        crop = sources.square_crop(pixels, 16, torch.Generator().manual_seed(seed), min_crop=1.0)
+        assert torch.equal(crop, whole) or torch.equal(crop, whole.flip(1))
+    zoomed = [sources.square_crop(pixels, 16, torch.Generator().manual_seed(seed))  # min_crop 0.7
+              for seed in range(8)]
+    assert any(not (torch.allclose(c, whole, atol=1e-3) or torch.allclose(c, whole.flip(1), atol=1e-3))
+               for c in zoomed)
+    with pytest.raises(DATEncoderError, match="training.min_crop must be in"):
+        resolve_config("tiny", None, ("training.min_crop=0",))

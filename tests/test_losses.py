@@ -12,16 +12,17 @@ def _cos(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def _eq3_float64(v_all, vocab, k, tau, exclude=()):
-    """Eq. 3 written out term by term in float64, neighbours found by a Python sort among the rows of
-    ``vocab`` not in ``exclude``, negatives = all other rows of ``v_all``; averaged over all rows."""
+def _eq3_float64(v_all, vocab, k, tau, exclude=(), similarity=_cos):
+    """Eq. 3 written out term by term in float64, neighbours found by a Python sort (by cosine) among the rows
+    of ``vocab`` not in ``exclude``, negatives = all other rows of ``v_all``; averaged over all rows."""
     v_all, vocab = v_all.double(), vocab.double()
     candidates = [t for j, t in enumerate(vocab) if j not in exclude]
     losses = []
     for i in range(len(v_all)):
         v = v_all[i]
-        pos = sum(math.exp(s / tau) for s in sorted((_cos(v, t) for t in candidates), reverse=True)[:k])
-        neg = sum(math.exp(_cos(v, w) / tau) for j, w in enumerate(v_all) if j != i)
+        nearest = sorted(candidates, key=lambda t: _cos(v, t), reverse=True)[:k]
+        pos = sum(math.exp(similarity(v, t) / tau) for t in nearest)
+        neg = sum(math.exp(similarity(v, w) / tau) for j, w in enumerate(v_all) if j != i)
         losses.append(-math.log(pos / (pos + neg)))
     return sum(losses) / len(losses)
 
@@ -32,6 +33,19 @@ def test_contrastive_loss_matches_eq3(k, tau):
     v_star, vocab = torch.randn(6, 16, generator=g), torch.randn(50, 16, generator=g)
     loss = nearest_neighbor_contrastive_loss(v_star, vocab, k=k, temperature=tau, exclude=())
     assert loss.item() == pytest.approx(_eq3_float64(v_star, vocab, k, tau), rel=1e-5)
+
+
+def test_contrastive_loss_with_the_papers_dot_product():
+    """``similarity="dot"``: Eq. 3 as the paper writes it, e^{v* . T / tau}; its logits, unlike the cosine's,
+    depend on the norms (a doubled v* changes the loss)."""
+    g = torch.Generator().manual_seed(0)
+    v_star, vocab = torch.randn(6, 16, generator=g) * 0.3, torch.randn(50, 16, generator=g) * 0.3
+    loss = nearest_neighbor_contrastive_loss(v_star, vocab, k=3, temperature=0.5, exclude=(), similarity="dot")
+    dot = lambda a, b: float(a @ b)  # noqa: E731
+    assert loss.item() == pytest.approx(_eq3_float64(v_star, vocab, 3, 0.5, similarity=dot), rel=1e-5)
+    assert loss.item() != pytest.approx(_eq3_float64(v_star, vocab, 3, 0.5), rel=1e-2)  # not the cosine's
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        nearest_neighbor_contrastive_loss(v_star, vocab, k=3, temperature=0.5, exclude=(), similarity="l2")
 
 
 def test_contrastive_loss_over_a_gathered_batch():

@@ -48,7 +48,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # scikit-image's colour photos and the grey ones that look like objects or scenes; all ship in the wheel.
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "retina", "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "clock", "logo")
-MIN_CROP = 0.7  # random square crops of 70-100% of the short side
+MIN_CROP = 0.7  # random square crops of 70-100% of the short side (training.min_crop's default)
 # Reads are in a seeded random order, so a few unreadable files (a bad sector, a wrong permission) almost
 # never come 16 in a row, while a failed mount or disk fails every read: it stops within one batch or two.
 UNREADABLE_IN_A_ROW = 16
@@ -240,9 +240,10 @@ def sample_seed(seed: int, position: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, position, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def square_crop(pixels: np.ndarray, size: int, generator: torch.Generator | None) -> torch.Tensor:
-    """(H, W, C) -> (size, size, 3) in [0, 1]: a square crop (random, or the centre one without a
-    ``generator``), randomly flipped, resized (bicubic, antialiased)."""
+def square_crop(pixels: np.ndarray, size: int, generator: torch.Generator | None,
+                min_crop: float = MIN_CROP) -> torch.Tensor:
+    """(H, W, C) -> (size, size, 3) in [0, 1]: a square crop (random, ``min_crop`` to all of the short side; or
+    the centre one without a ``generator``), randomly flipped, resized (bicubic, antialiased)."""
     image = to_rgb(torch.from_numpy(np.ascontiguousarray(pixels))[None])[0].movedim(-1, 0)  # (3, H, W)
     h, w = image.shape[-2:]
     if generator is None:
@@ -250,7 +251,7 @@ def square_crop(pixels: np.ndarray, size: int, generator: torch.Generator | None
         top, left, flip = (h - side) // 2, (w - side) // 2, False
     else:
         u = torch.rand(4, generator=generator).tolist()
-        side = max(1, round(min(h, w) * (MIN_CROP + (1 - MIN_CROP) * u[0])))
+        side = max(1, round(min(h, w) * (min_crop + (1 - min_crop) * u[0])))
         top, left, flip = int(u[1] * (h - side + 1)), int(u[2] * (w - side + 1)), u[3] < 0.5
     crop = image[:, top:top + side, left:left + side]
     crop = crop.flip(-1) if flip else crop
@@ -274,12 +275,12 @@ class ProcessShard(Dataset):
     """This process's samples from ``start_step`` to ``steps``: item k is (image (S, S, 3), position, class word)."""
 
     def __init__(self, source: ImageSource, indices: list[int], image_size: int, seed: int, global_batch: int,
-                 rank: int, world: int, start_step: int, steps: int, min_side: int = 1):
+                 rank: int, world: int, start_step: int, steps: int, min_side: int = 1, min_crop: float = MIN_CROP):
         if global_batch % world:
             raise DATEncoderError(f"training.batch_size {global_batch} is not divisible by the {world} processes")
         self.source, self.indices, self.image_size, self.seed = source, indices, image_size, seed
         self.global_batch, self.local_batch, self.rank = global_batch, global_batch // world, rank
-        self.start_step, self.steps, self.min_side = start_step, steps, min_side
+        self.start_step, self.steps, self.min_side, self.min_crop = start_step, steps, min_side, min_crop
         self._permutations: dict[int, list[int]] = {}
         self.events: Counter = Counter()
 
@@ -304,7 +305,7 @@ class ProcessShard(Dataset):
                 self.events[decoded.event] += 1
             if decoded.pixels is not None:
                 generator = torch.Generator().manual_seed(sample_seed(self.seed, position, 0))
-                return square_crop(decoded.pixels, self.image_size, generator), position, word
+                return square_crop(decoded.pixels, self.image_size, generator, self.min_crop), position, word
         raise DATEncoderError(f"--data {self.source.name}: none of the {len(permutation)} training images decodes "
                               f"({', '.join(sorted(self.events))})")
 

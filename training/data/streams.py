@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datencoder_core.errors import DATEncoderError
 from training.data.decode import Decoded, decode_image
-from training.data.sources import Batch, ImageSource, Mix, Raw, sample_seed, square_crop
+from training.data.sources import MIN_CROP, Batch, ImageSource, Mix, Raw, sample_seed, square_crop
 
 logger = logging.getLogger("datencoder.data")
 HELDOUT = 2**32 - 1  # the held-out images' order: a seed no epoch reaches
@@ -126,10 +126,10 @@ class MixedStream(IterableDataset):
 
     def __init__(self, mix: Mix, image_size: int, seed: int, local_batch: int, rank: int, world: int,
                  num_workers: int, block: int, min_side: int, excluded: frozenset[str], start_step: int = 0,
-                 resume: list[dict] | None = None):
+                 resume: list[dict] | None = None, min_crop: float = MIN_CROP):
         self.mix, self.image_size, self.seed, self.local_batch = mix, image_size, seed, local_batch
         self.rank, self.world, self.workers, self.block, self.min_side = rank, world, max(num_workers, 1), block, min_side
-        self.excluded, self.start_step, self.resume = excluded, start_step, resume
+        self.excluded, self.start_step, self.resume, self.min_crop = excluded, start_step, resume, min_crop
         self.slots = self.world * self.workers
         for index, source in enumerate(mix.sources):  # refuse too few units before any worker starts
             Reader(source, index, seed, 0, self.slots, block, frozenset())
@@ -158,7 +158,7 @@ class MixedStream(IterableDataset):
                 if decoded.pixels is not None:
                     generator = None if self.use_latents else torch.Generator().manual_seed(
                         sample_seed(self.seed, draws, 3 + self.slots + slot))
-                    images.append(square_crop(decoded.pixels, self.image_size, generator))
+                    images.append(square_crop(decoded.pixels, self.image_size, generator, self.min_crop))
                     words.append(word)
                     if self.use_latents:
                         latents.append(payload.latent.float())
@@ -226,7 +226,7 @@ def training_data(mix: Mix, image_size: int, training, rank: int, world: int, st
         source = sources.ConcatSource(mix.sources)
         train_indices, heldout_indices = sources.split_heldout(source, training.heldout_images, training.seed)
         shard = sources.ProcessShard(source, train_indices, image_size, training.seed, training.batch_size, rank, world,
-                                  start_step, training.steps, training.min_image_side)
+                                  start_step, training.steps, training.min_image_side, training.min_crop)
         images, words = sources.heldout_images(source, heldout_indices, image_size, training.min_image_side)
         return sources.shard_loader(shard, training.num_workers), images, words
     if training.batch_size % world:
@@ -239,7 +239,7 @@ def training_data(mix: Mix, image_size: int, training, rank: int, world: int, st
     images, words, keys = heldout(mix, training.heldout_images, training.seed, image_size, training.min_image_side)
     stream = MixedStream(mix, image_size, training.seed, training.batch_size // world, rank, world,
                          training.num_workers, training.shuffle_buffer, training.min_image_side, keys, start_step,
-                         resume[rank] if resume is not None else None)
+                         resume[rank] if resume is not None else None, training.min_crop)
     cached = [f"{s.name} ({s.cache_size} px)" for s in mix.sources if getattr(s, "cache_size", None)]
     if stream.use_latents:
         logger.info("latent cache: used (%s)", ", ".join(cached))

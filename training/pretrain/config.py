@@ -22,6 +22,7 @@ import yaml
 
 from datencoder_core.config import EncoderConfig, LoRAConfig, LossConfig, _require, _Serializable, _typed
 from datencoder_core.errors import DATEncoderError
+from training.data.sources import MIN_CROP
 from training.models.reference import TINY_ENCODER
 
 # "a photo of S*" and a small set of ImageNet-style templates (CLIP's ImageNet prompts, the object ones).
@@ -64,6 +65,8 @@ class TrainingConfig(_Serializable):
     sample_steps: int = 25  # DDIM steps per generated image
     num_workers: int = 4  # data-loading workers per process
     min_image_side: int = 128  # smaller images are skipped (upscaled 4x to 512 px they are mostly blur)
+    min_crop: float = field(default=MIN_CROP, metadata={
+        "help": "random square crops of min_crop to all of an image's short side; 1 = the whole image (flips only)"})
     shuffle_buffer: int = 1_000  # shards and mixes: samples per shuffled block of each reader (training.data.streams)
     seed: int = 0
 
@@ -75,6 +78,7 @@ class TrainingConfig(_Serializable):
         for name in ("warmup_steps", "num_workers", "sample_images"):
             _require(getattr(self, name) >= 0, f"training.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.min_image_side >= 8, f"training.min_image_side must be >= 8, got {self.min_image_side}")
+        _require(0 < self.min_crop <= 1, f"training.min_crop must be in (0, 1], got {self.min_crop}")
         _require(self.lr > 0, f"training.lr must be > 0, got {self.lr}")
         _require(self.max_grad_norm > 0, f"training.max_grad_norm must be > 0, got {self.max_grad_norm}")
         _require(0.0 <= self.alpha_blend <= 1.0, f"training.alpha_blend must be in [0, 1], got {self.alpha_blend}")

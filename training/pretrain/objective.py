@@ -118,7 +118,7 @@ class PretrainingObjective:
         if regularization == "contrastive":
             terms["contrastive"] = nearest_neighbor_contrastive_loss(
                 everyone, self.vocab, k=loss_config.contrastive_k, temperature=loss_config.temperature,
-                exclude=backend.special_token_ids)
+                exclude=backend.special_token_ids, similarity=loss_config.contrastive_similarity)
             weighted["contrastive"] = loss_config.contrastive_weight * terms["contrastive"]
         if training.hypernetwork:
             terms["lora_l2"] = out.lora.squared_norms().mean()

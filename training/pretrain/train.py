@@ -28,6 +28,7 @@ from diffusers.utils import check_min_version
 from tqdm.auto import tqdm
 
 from datencoder_core.checkpoint import load_encoder
+from datencoder_core.config import TuningConfig
 from datencoder_core.encoder import DATEncoder
 from datencoder_core.errors import DATEncoderError
 from training.data import sources, streams
@@ -174,7 +175,9 @@ def _watch(accelerator, backend, encoder, held_out, held_images, config: Pretrai
         gain = validation.encoder_gain(backend, accelerator.unwrap_model(encoder), held_out, alpha,
                                        training.batch_size // accelerator.num_processes)
         accelerator.log({f"heldout/{k}": v for k, v in gain.items()}, step=step)
-        logger.info("step %d: held-out encoder gain %.5f", step, gain["encoder_gain"])
+        logger.info("step %d: held-out encoder gain %.5f (as trained), %.5f (as personalization uses it: one "
+                    "prediction at t=%d)", step, gain["encoder_gain"], gain["encoder_gain_fixed_t"],
+                    TuningConfig().encoder_timestep)
     if accelerator.is_main_process and training.sample_images and (step % training.sample_every == 0 or last) and step:
         grid = validation.sample_grid(backend, accelerator.unwrap_model(encoder),
                                       held_images[:training.sample_images], alpha, training.sample_steps, training.seed)

@@ -78,7 +78,11 @@ def pretrain_config(plan: ExperimentPlan, regularization: str, shapes: WorldShap
                      "validation_every": steps, "sample_every": steps, "sample_images": 2, "sample_steps": 10,
                      "num_workers": 0, "embedding_regularization": regularization, "seed": 0,
                      "templates": list(TEMPLATES),
-                     "min_image_side": WORLD_SIZE},  # the world's images are all this small
+                     "min_image_side": WORLD_SIZE,  # the world's images are all this small
+                     # no random crops: the world's models only ever saw whole images, and on zoomed crops the UNet's
+                     # loss doubles, so the encoder learnt a dW for zooming: its dW raised the loss on whole images
+                     # even for the 16 images it trained on for 200 epochs (docs/toyworld.md)
+                     "min_crop": 1.0},
     }
 
 
