@@ -37,9 +37,9 @@ def nearest_neighbor_contrastive_loss(v_star: Tensor, vocab: Tensor, *, k: int, 
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     positives = vocab.detach()[nearest_tokens(v_star, vocab, k, exclude)]  # (B, k, D)
-    v = F.normalize(v_star, dim=-1) if similarity == "cosine" else v_star
+    v = v_star
     if similarity == "cosine":
-        positives = F.normalize(positives, dim=-1)
+        v, positives = F.normalize(v_star, dim=-1), F.normalize(positives, dim=-1)
     pos_logits = torch.einsum("bd,bkd->bk", v, positives) / temperature
     self_mask = torch.eye(v.shape[0], dtype=torch.bool, device=v.device)  # a row is not its own negative
     neg_logits = (v @ v.T / temperature).masked_fill(self_mask, -torch.inf)  # (B, B)
