@@ -45,6 +45,8 @@ def test_tiny_preset_learns_and_exports(tiny_pretraining):
     assert contrastive[last] < 0.5 * contrastive[first], contrastive
     assert gain[0] < 2e-3 and gain[max(gain)] > gain[0] + 5e-3, gain
     assert (tiny_pretraining / "samples" / "step-0000060.png").is_file()
+    # the gain as personalization uses the encoder (one prediction at its fixed t), logged beside it (issue 26)
+    assert scalars(tiny_pretraining, "heldout/encoder_gain_fixed_t").keys() == gain.keys()
     for tag in ("train/diffusion", "train/embedding_l2", "train/lora_l2", "train/lr", "train/grad_norm",
                 "train/nearest_cosine", "train/distinct_tokens", "train/data_share", "train/images_per_second"):
         assert scalars(tiny_pretraining, tag), tag
