@@ -33,7 +33,8 @@ from training.toyworld.models import WorldBudget, WorldShapes, train_world_model
 from training.toyworld.truth import train_truth
 
 log = logging.getLogger(__name__)
-VERSION = 6  # bump when the world or its training changes, so caches rebuild (5: sd/loader.json; 6: the world that can draw)
+VERSION = 7  # bump when the world or its training changes, so caches rebuild (5: sd/loader.json; 6: the world that can
+# draw; 7: appearance words)
 DEFAULT_CACHE = Path.home() / ".cache" / "datencoder"
 
 
@@ -77,8 +78,11 @@ def world_folder(plan: WorldPlan, cache: Path = DEFAULT_CACHE) -> Path:
     accuracy = train_truth(staging / "truth.safetensors", plan.truth_steps, plan.budget.seed)
     seconds["truth"] = time.perf_counter() - start
     write_world_data(staging, plan)
+    start = time.perf_counter()
+    checks = world_checks(staging, plan.oracle_steps)
+    seconds["checks"] = time.perf_counter() - start
     build = {"plan": dataclasses.asdict(plan), "seconds": seconds, "vision_accuracy": vision_accuracy,
-             "truth_accuracy": accuracy, "checks": world_checks(staging, plan.oracle_steps)}
+             "truth_accuracy": accuracy, "checks": checks}
     (staging / "build.json").write_text(json.dumps(build, indent=2))
     staging.rename(folder)
     log.info("built the toy world %s in %.0f s", folder, sum(seconds.values()))

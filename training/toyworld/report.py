@@ -132,7 +132,8 @@ Written by `python -m training.toyworld` (README, "The toy world"). World: `{wor
 
 prompt_identity / named_*: the base model told the held-out appearance in words; oracle_*: per-concept tuning
 from the class word without an encoder (sampled at alpha 1 for identity, on the dual path for editability);
-v_star_alone_identity: the same tuning with dW held at 0 (textual inversion).
+v_star_alone_identity: textual inversion, the same tuning at its own learning rate with dW held at 0
+(`checks.TEXTUAL_INVERSION`).
 
 ## Claims (mean ± s.d. over evaluation seeds {sorted(results['contrastive'])}; each seed's value is the mean over
 {len(grids)} held-out concepts x 4 context prompts)
@@ -164,8 +165,8 @@ Held-out accuracy per attribute of the ground-truth classifier on fresh degraded
 What the world's own models do, before any encoder (`checks.py`): {_rounded(build['checks'])}. The
 identity of the concept photos and of their VAE reconstructions; the probability of the prompted shape
 and context on the base UNet's generations of "a photo of a {{shape}} {{context}}"; the identity of its
-generations of each concept described in words, which no caption ever did ("a photo of a red circle with
-blue dots {{context}}").
+generations of each concept described in words, which no caption ever did ("a photo of a red circle with a
+blue stripe {{context}}").
 
 ![trade-off](tradeoff_truth.png)
 

@@ -9,7 +9,9 @@ An image (``SIZE`` px, RGB in [0, 1]) is drawn from a ``Scene``:
 
 Captions name the shape and usually the context; they name an appearance's parts as web captions do, some
 of the time ("a red circle", "a circle with a blue stripe"), so the world's text pathway knows colour words
-as SD1.5's does. A concept is one shape with one of the ``HELDOUT_APPEARANCES``: those are in
+as SD1.5's does; and sometimes they name a whole appearance in one word (``APPEARANCE_WORDS``: "a boston
+circle", a circle in Boston's colours), as web captions name a breed or a team's colours, so that the world
+has words which carry two colours in one token, as SD1.5's vocabulary has words which carry a whole look. A concept is one shape with one of the ``HELDOUT_APPEARANCES``: those are in
 no caption and in none of the encoder's pretraining images (the world's base models see their images, as
 SD1.5 has seen most things), so the concept's appearance as a whole reaches the method only through its photo.
 """
@@ -34,6 +36,14 @@ APPEARANCES = tuple(itertools.permutations(COLOURS, 2))
 # 6 of the 30 are held out of captions and pretraining (the evaluated concepts have these): each colour once as
 # body and once as stripe (the stripe two colours on), so every colour word is still learnt in both roles.
 HELDOUT_APPEARANCES = tuple((body, tuple(COLOURS)[(i + 2) % len(COLOURS)]) for i, body in enumerate(COLOURS))
+# A word per appearance that is not held out, like a team's name for its two colours (each one token of SD1.x's
+# CLIP vocabulary; what a word means here is the world's, not the city's). v6's world had none: textual inversion
+# reached identity 0.42 (its ceiling is 0.6), because no token of the world ever carried both colours.
+APPEARANCE_WORDS = dict(zip(
+    (a for a in APPEARANCES if a not in HELDOUT_APPEARANCES),
+    ("paris", "london", "tokyo", "berlin", "rome", "madrid", "vienna", "prague", "dublin", "oslo", "cairo", "lima",
+     "delhi", "seoul", "sydney", "boston", "denver", "austin", "dallas", "miami", "chicago", "milan", "naples",
+     "geneva"), strict=True))
 # The captions the base models learn (the object phrase, then the context phrase); a tenth are empty
 # (classifier-free guidance) and a fifth name no context (the tuning prompt "a photo of {}" has none).
 CAPTION_TEMPLATES = ("a photo of a {object} {context}", "a {object} {context}", "a picture of a {object} {context}")
@@ -42,7 +52,8 @@ NO_CONTEXT_TEMPLATES = ("a photo of a {object}", "a {object}")
 # 32 px). A world with stripes, checks and dots as a third part of the appearance (v6's first try) drew the
 # colours it was told but never the pattern: the pattern stayed at chance after 5,000 steps.
 STRIPE = 0.3
-PART_NAMED = 0.8  # how often a caption names the body colour, and (independently) the stripe colour
+WORD_NAMED = 0.25  # how often a caption names a (not held-out) appearance by its word, not by its parts
+PART_NAMED = 0.8  # otherwise, how often it names the body colour, and (independently) the stripe colour
 
 
 @dataclass(frozen=True)
@@ -79,21 +90,25 @@ def render_dataset(count: int, seed: int, appearances=APPEARANCES) -> tuple[np.n
 
 
 def object_phrase(shape: str, body: str | None = None, stripe: str | None = None) -> str:
-    """"circle", "red circle", "circle with a blue stripe", "red circle with a blue stripe"."""
+    """"circle", "red circle", "circle with a blue stripe", "red circle with a blue stripe"; ``body`` may also be
+    an appearance's word ("boston circle")."""
     return " ".join([*([body] if body else []), shape, *(["with", "a", stripe, "stripe"] if stripe else [])])
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming the shape, (usually) the context and, unless the appearance is held out, each part of it
-    with probability ``PART_NAMED``."""
+    """A caption naming the shape, (usually) the context and, unless the appearance is held out, the appearance:
+    by its word with probability ``WORD_NAMED``, else each of its parts with probability ``PART_NAMED``."""
     u = rng.uniform()
     if u < 0.1:
         return ""
     body, mark = scene.appearance
     nameable = scene.appearance not in HELDOUT_APPEARANCES
-    named_body = nameable and rng.uniform() < PART_NAMED
-    named_mark = nameable and rng.uniform() < PART_NAMED
-    phrase = object_phrase(scene.shape, body if named_body else None, mark if named_mark else None)
+    if nameable and rng.uniform() < WORD_NAMED:
+        phrase = object_phrase(scene.shape, APPEARANCE_WORDS[scene.appearance])
+    else:
+        named_body = nameable and rng.uniform() < PART_NAMED
+        named_mark = nameable and rng.uniform() < PART_NAMED
+        phrase = object_phrase(scene.shape, body if named_body else None, mark if named_mark else None)
     if u < 0.3:
         return NO_CONTEXT_TEMPLATES[rng.integers(len(NO_CONTEXT_TEMPLATES))].format(object=phrase)
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
@@ -102,7 +117,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 def caption_words() -> list[str]:
     """Every word a caption can contain: the templates filled with every object phrase and context phrase."""
-    objects = " ".join(object_phrase(shape, body, mark) for shape in SHAPES for body, mark in APPEARANCES)
+    objects = " ".join([*(object_phrase(shape, body, mark) for shape in SHAPES for body, mark in APPEARANCES),
+                        *APPEARANCE_WORDS.values()])
     contexts = " ".join(CONTEXTS.values())
     text = " ".join(CAPTION_TEMPLATES + NO_CONTEXT_TEMPLATES).format(object=objects, context=contexts)
     return sorted(set(text.split()))
