@@ -1,8 +1,8 @@
 """The toy world as the repository ships it (``training/toyworld/shipped/``, made by ``python -m training.toyworld
 --rebuild``): its files are the manifest's, the world reaches the ceilings that hold in its report (a named
 appearance drawn, the oracle), and the shipped encoder keeps claim 2 (the dual path keeps the prompt's context).
-What does not hold there, or holds by less than the seeds' noise (v* alone, claims 0, 1, 3 and 4), is not
-asserted.
+What does not hold there (claims 0 and 3), holds by less than the seeds' noise (claims 1 and 4), or holds by a
+hair (v* alone: 0.609 against its 0.6), is not asserted.
 
 Every figure is recomputed here from the shipped files, on fewer images than the report (one per prompt), and
 asserted with a margin that this seed-to-seed noise does not reach; each beside a broken control that fails
@@ -118,10 +118,12 @@ def test_per_concept_tuning_reaches_the_oracle_ceiling(shipped_world, oracles, b
 
 @pytest.mark.parametrize("dual_path", [True, False])
 def test_the_shipped_encoder_keeps_the_prompts_context_on_the_dual_path(shipped_world, dual_path):
-    """Claim 2 (the report: full 0.951 ± 0.032 against no_dual_path 0.749 ± 0.000 over three seeds): the shipped
+    """Claim 2 (the report: full 1.000 ± 0.000 against no_dual_path 0.888 ± 0.043 over three seeds): the shipped
     encoder + 12 steps (``TuningConfig``) on the dual path, alpha 0.25 in tuning and sampling, draws the prompt's
-    context in more than 0.85 of the images of the six concepts x four contexts; the control, the same with the
-    dual path off (alpha 1), does not."""
+    context in more than 0.98 of the images (two per prompt) of the six concepts x four contexts; the control, the
+    same with the dual path off (alpha 1), does not. Here every image on the dual path has the context at
+    probability >= 0.998 (1.000); off it, both images of one prompt have it at 0.000 (the concept whose v*'s
+    nearest word is "snow", "in the snow") and the others at >= 0.998 (0.958): no image is near the threshold."""
     _, backend, truth, concepts = shipped_world
     encoder, encoder_id = load_encoder(shipped.shipped_encoders()["contrastive"])
     alpha = TuningConfig().alpha_blend if dual_path else 1.0
@@ -132,7 +134,7 @@ def test_the_shipped_encoder_keeps_the_prompts_context_on_the_dual_path(shipped_
             learned = personalize(backend, encoder, encoder_id, photo, TuningConfig(alpha_blend=alpha))
         for phrase in world.CONTEXTS.values():
             text = "a photo of a {} " + phrase
-            images = generate(backend, learned, text, [0], alpha=alpha, **SAMPLING)
+            images = generate(backend, learned, text, [0, 1], alpha=alpha, **SAMPLING)
             scores.append(truth.score(images, concept, text)["truth_editability"])
     editability = float(np.mean(scores))
-    assert (editability > 0.85) if dual_path else (editability < 0.85), editability
+    assert (editability > 0.98) if dual_path else (editability < 0.98), editability
