@@ -182,7 +182,8 @@ def test_the_nearest_word_of_any_v_star_is_a_world_word_and_captions_encode_as_b
     """With the unused rows zeroed, the nearest token of random v* is one of the world's tokens, and every
     caption's encoding is unchanged; without (the broken world) the search lands on untrained words."""
     models = build_models(WorldShapes(), seed=0)
-    ids = models.tokenizer(["a photo of a star on the beach", "a red circle with a blue stripe at night", "a circle", ""],
+    ids = models.tokenizer(["a photo of a star on the beach", "a red circle with a blue stripe at night",
+                            "a boston circle", ""],
                            padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         before = models.text_encoder(ids).last_hidden_state

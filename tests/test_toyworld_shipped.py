@@ -4,7 +4,7 @@ appearance drawn, the oracle), and the shipped encoder keeps claim 2 (the dual p
 What does not hold there (claims 0 and 3), holds by less than the seeds' noise (claims 1 and 4), or holds by a
 hair (v* alone: 0.609 against its 0.6), is not asserted.
 
-Every figure is recomputed here from the shipped files, on fewer images than the report (one per prompt), and
+Every figure is recomputed here from the shipped files, on fewer images than the report (one or two per prompt), and
 asserted with a margin that this seed-to-seed noise does not reach; each beside a broken control that fails
 the same assertion: the prompt without the appearance's words, a zeroed LoRA at alpha 0, an untrained encoder.
 """

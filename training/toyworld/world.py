@@ -11,9 +11,10 @@ Captions name the shape and usually the context; they name an appearance's parts
 of the time ("a red circle", "a circle with a blue stripe"), so the world's text pathway knows colour words
 as SD1.5's does; and sometimes they name a whole appearance in one word (``APPEARANCE_WORDS``: "a boston
 circle", a circle in Boston's colours), as web captions name a breed or a team's colours, so that the world
-has words which carry two colours in one token, as SD1.5's vocabulary has words which carry a whole look. A concept is one shape with one of the ``HELDOUT_APPEARANCES``: those are in
-no caption and in none of the encoder's pretraining images (the world's base models see their images, as
-SD1.5 has seen most things), so the concept's appearance as a whole reaches the method only through its photo.
+has words which carry two colours in one token, as SD1.5's vocabulary has words which carry a whole look.
+A concept is one shape with one of the ``HELDOUT_APPEARANCES``: those are in no caption and in none of the
+encoder's pretraining images (the world's base models see their images, as SD1.5 has seen most things), so
+the concept's appearance as a whole reaches the method only through its photo.
 """
 
 from __future__ import annotations
